@@ -1,0 +1,19 @@
+"""ep_comm: dispatch and combine for Mixture-of-Experts expert parallelism.
+
+`Buffer` is DeepEP-compatible; `dispatch`/`combine` (and their low-latency twins) are plain
+functions with named results. Kernels run wherever the extension is built and a GPU is present;
+elsewhere the torch.distributed reference backend implements the same contract.
+"""
+from ep_comm.version import __version__
+from ep_comm.config import Config
+from ep_comm.event import EventOverlap
+from ep_comm.buffer import Buffer
+from ep_comm.api import (CombineResult, DispatchResult, LowLatencyCombineResult, LowLatencyDispatchResult, combine,
+                         dispatch, get_buffer, low_latency_combine, low_latency_dispatch)
+from ep_comm import fp8
+
+__all__ = [
+    "__version__", "Buffer", "Config", "EventOverlap", "fp8",
+    "dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "get_buffer",
+    "DispatchResult", "CombineResult", "LowLatencyDispatchResult", "LowLatencyCombineResult",
+]

@@ -1,0 +1,484 @@
+"""Buffer: the DeepEP-compatible entry point. Validate -> pick backend and stream -> call -> wrap.
+
+No algorithm lives here: backends (ep_comm/backends) do the work, on whatever stream Buffer makes
+current. See ../shared/DESIGN.md for the contract every method follows.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from ep_comm import _ext
+from ep_comm import validation as v
+from ep_comm.backends import make_backend
+from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, LowLatencyCombineArgs,
+                                   LowLatencyDispatchArgs, LowLatencyHandle)
+from ep_comm.config import Config, combine_config, dispatch_config, low_latency_rdma_size_hint
+from ep_comm.event import EventOverlap
+
+_buffer_ids = itertools.count(1)
+_BACKEND_CHOICES = ("auto", "reference", "kernels")
+
+
+def _backend_choice(requested: Optional[str]) -> str:
+    """'reference' or 'kernels': the keyword wins, then EP_COMM_BACKEND, then what this machine can run."""
+    choice = requested or os.environ.get("EP_COMM_BACKEND", "auto") or "auto"
+    if choice not in _BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {_BACKEND_CHOICES}, got {choice!r}")
+    if choice == "auto":
+        return "kernels" if _ext.gpu_available() and torch.cuda.is_available() else "reference"
+    if choice == "kernels" and not (_ext.gpu_available() and torch.cuda.is_available()):
+        raise RuntimeError(f"ep_comm kernels were requested but are unavailable: {_ext.unavailable_reason()}")
+    return choice
+
+
+def _ranks_per_node(group, num_ranks: int) -> int:
+    """NVLink domain size: EP_COMM_RANKS_PER_NODE, else the ranks sharing this host name."""
+    declared = os.environ.get("EP_COMM_RANKS_PER_NODE")
+    if declared:
+        size = int(declared)
+    else:
+        hosts: List[Optional[str]] = [None] * num_ranks
+        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        size = hosts.count(socket.gethostname())
+        if any(hosts[i] != hosts[i - i % size] for i in range(num_ranks)):
+            raise ValueError(f"ranks of one host must be contiguous and equal in number; got hosts {hosts}")
+    if size <= 0 or num_ranks % size != 0:
+        raise ValueError(f"ranks per node ({size}) must divide the number of ranks ({num_ranks}); "
+                         "check EP_COMM_RANKS_PER_NODE")
+    return size
+
+
+class Buffer:
+    """Communication buffers and methods for MoE dispatch/combine over one process group.
+
+    Same constructor and methods as DeepEP's `deep_ep.Buffer`. The keyword-only `backend`
+    ('auto', 'reference', 'kernels'; default from EP_COMM_BACKEND, else 'auto') picks the
+    implementation: kernels wherever the extension is built and a GPU is present, otherwise the
+    torch.distributed reference, which also accepts CPU tensors over a gloo group.
+    """
+
+    num_sms: int = 20
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False, *, backend: Optional[str] = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("ep_comm.Buffer needs torch.distributed to be initialised first")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.group_size = dist.get_world_size(self.group)
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            v.check_positive_int(name, value, minimum=0)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.backend_kind = _backend_choice(backend)
+        self._id = next(_buffer_ids)
+        self._destroyed = False
+
+        use_gpu = self.backend_kind == "kernels"
+        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        self.device = device
+        self.ctx = BackendContext(
+            group=self.group, rank=self.rank, num_ranks=self.group_size,
+            ranks_per_node=_ranks_per_node(self.group, self.group_size), device=device, buffer_id=self._id,
+            num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode,
+            num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
+            allow_mnnvl=allow_mnnvl, timeout_s=float(os.environ.get("EP_COMM_TIMEOUT_S", "100")))
+
+        self._reference = make_backend("reference", self.ctx)
+        self._normal: Backend = self._reference
+        self._low_latency: Backend = self._reference
+        self._comm_stream = None
+        if use_gpu:
+            self._comm_stream = torch.cuda.Stream(device=device, priority=-1)
+            multi_node = self.ctx.num_nodes > 1
+            if num_nvl_bytes > 0 or (multi_node and num_rdma_bytes > 0 and not low_latency_mode):
+                self._normal = make_backend("internode" if multi_node else "intranode", self.ctx)
+            if low_latency_mode:
+                self._low_latency = make_backend("low_latency", self.ctx)
+
+    # ---- statics (DeepEP-compatible) -----------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """SMs the normal-mode kernels may occupy (even), for configs made after this call."""
+        if not isinstance(new_num_sms, int) or new_num_sms <= 0 or new_num_sms % 2 != 0:
+            raise ValueError(f"num_sms must be a positive even int, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return combine_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int) -> int:
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event on the current CUDA stream (None without CUDA), to pass as previous_event."""
+        if not torch.cuda.is_available():
+            return EventOverlap(None)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return EventOverlap(event)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return _ext.available()
+
+    # ---- small accessors -----------------------------------------------------------------------
+    def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:
+        return self._comm_stream
+
+    def get_local_device_id(self) -> int:
+        return self.device.index if self.device.type == "cuda" else -1
+
+    def get_num_rdma_ranks(self) -> int:
+        return self.ctx.num_nodes
+
+    def get_rdma_rank(self) -> int:
+        return self.rank // self.ctx.ranks_per_node
+
+    def get_root_rdma_rank(self, global_rank: bool) -> int:
+        return self.rank % self.ctx.ranks_per_node if global_rank else 0
+
+    def destroy(self) -> None:
+        """Release communication buffers. Idempotent; the Buffer refuses calls afterwards."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        for backend in {id(b): b for b in (self._normal, self._low_latency, self._reference)}.values():
+            backend.destroy()
+
+    def __del__(self) -> None:
+        try:
+            if not self.explicitly_destroy:
+                self.destroy()
+        except Exception:
+            pass
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def _check_alive(self) -> None:
+        if self._destroyed:
+            raise RuntimeError("this ep_comm.Buffer was destroyed; create a new one")
+
+    def _validate(self, backend: Backend, phase: str, check: Callable):
+        """Run `check`; with the reference backend all ranks first agree that everyone's inputs passed,
+        so a bad input on one rank raises everywhere instead of leaving peers blocked in a collective.
+        Kernels skip the agreement (it would cost a host sync); their peers time out instead."""
+        self._check_alive()
+        error = None
+        result = None
+        try:
+            result = check()
+        except (TypeError, ValueError) as e:
+            error = e
+        if backend is self._reference:
+            failed = self._agree(error is not None)
+            if error is None and failed:
+                raise RuntimeError(f"ep_comm rank {self.rank}: {phase} was not run because rank(s) {failed} "
+                                   "rejected their inputs (see their errors)")
+        if error is not None:
+            raise error
+        return result
+
+    def _agree(self, failed_here: bool) -> List[int]:
+        device = torch.device("cpu") if dist.get_backend(self.group) == "gloo" else torch.device(
+            "cuda", torch.cuda.current_device())
+        flags = torch.zeros(self.group_size, dtype=torch.int32, device=device)
+        flags[self.rank] = int(failed_here)
+        dist.all_reduce(flags, group=self.group)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _device_of(self, backend: Backend) -> Optional[torch.device]:
+        """Device every tensor must be on: the buffer's GPU for kernels, any single device for the reference."""
+        return None if backend is self._reference else self.device
+
+    def _launch(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap], async_finish: bool,
+                allocate_on_comm_stream: bool, on_gpu: bool):
+        """Run `fn` on the communication stream (DeepEP's overlap semantics); CPU calls run inline."""
+        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
+            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True")
+        if not on_gpu or self._comm_stream is None:
+            result = fn()
+            return result, EventOverlap(None)
+        compute = torch.cuda.current_stream()
+        comm = self._comm_stream
+        if previous_event is not None:
+            event = previous_event.event if isinstance(previous_event, EventOverlap) else previous_event
+            if event is not None:
+                comm.wait_event(event)
+        else:
+            comm.wait_stream(compute)
+        with torch.cuda.stream(comm):
+            result = fn()
+        inputs = [t for t in _flatten(inputs) if isinstance(t, torch.Tensor) and t.is_cuda]
+        outputs = [t for t in _flatten(result) if isinstance(t, torch.Tensor) and t.is_cuda]
+        for t in inputs:
+            t.record_stream(comm)
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(comm)
+            overlap = EventOverlap(event, extra_tensors=tuple(inputs + outputs))
+        else:
+            compute.wait_stream(comm)
+            overlap = EventOverlap(None)
+        if not allocate_on_comm_stream:
+            for t in outputs:
+                t.record_stream(compute)
+        return result, overlap
+
+    # ---- normal mode -----------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """topk_idx: int64 [N, K] (-1 = empty slot) -> (num_tokens_per_rank int32 [R],
+        num_tokens_per_rdma_rank int32 [nodes] | None, num_tokens_per_expert int32 [E],
+        is_token_in_rank bool [N, R], event). Purely local: no communication."""
+        backend = self._normal
+        self._check_alive()
+
+        def check() -> None:
+            v.check_num_experts(num_experts, self.group_size)
+            v.check_topk_idx(topk_idx, num_experts, device=self._device_of(backend))
+        check()  # local only, so no agreement is needed
+        result, event = self._launch(lambda: backend.get_dispatch_layout(topk_idx, num_experts), [topk_idx],
+                                     previous_event, async_finish, allocate_on_comm_stream, topk_idx.is_cuda)
+        return (*result, event)
+
+    def dispatch(self, x: v.XInput, handle: Optional[DispatchHandle] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to every rank holding one of its experts.
+
+        x: bf16 [N, H] or (float8_e4m3fn [N, H], float32 [N, H/128]). Returns (recv_x (same form),
+        recv_topk_idx int64 [M, K] (local ids, -1 elsewhere), recv_topk_weights float32 [M, K],
+        num_recv_tokens_per_expert_list, handle, event). Rows are source-rank major, token ascending.
+        With `handle` and no topk_idx (cached mode): (recv_x, None, None, None, None, event).
+        """
+        backend = self._normal
+        cached = handle is not None
+
+        def check() -> DispatchArgs:
+            device = self._device_of(backend)
+            payload, scales = v.split_x(x, device)
+            device = payload.device
+            num_tokens = payload.shape[0]
+            v.check_positive_int("expert_alignment", expert_alignment)
+            v.check_positive_int("num_worst_tokens", num_worst_tokens, minimum=0)
+            if config is not None and not isinstance(config, Config):
+                raise TypeError(f"config must be an ep_comm.Config, got {type(config).__name__}")
+            if cached:
+                self._check_handle(handle, DispatchHandle)
+                if topk_idx is not None or topk_weights is not None:
+                    raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights: "
+                                     "the layout comes from the handle")
+                if num_tokens != handle.num_tokens:
+                    raise ValueError(f"x has {num_tokens} tokens but the handle was made for {handle.num_tokens}")
+                return DispatchArgs(payload, scales, None, None, None, None, handle.is_token_in_rank, None, handle,
+                                    expert_alignment, num_worst_tokens, config or self.get_dispatch_config(self.group_size))
+            for name, t in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert), ("topk_idx", topk_idx)):
+                if t is None:
+                    raise ValueError(f"{name} is required without a handle (get it from get_dispatch_layout)")
+            v.check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, shape=[self.group_size],
+                           device=device)
+            v.check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, shape=[num_tokens, self.group_size],
+                           device=device)
+            v.check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, ndim=1, device=device)
+            num_experts = num_tokens_per_expert.shape[0]
+            v.check_num_experts(num_experts, self.group_size)
+            if num_tokens_per_rdma_rank is not None:
+                v.check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank, torch.int32,
+                               shape=[self.ctx.num_nodes], device=device)
+            v.check_topk_idx(topk_idx, num_experts, num_tokens, device)
+            if topk_weights is not None:
+                v.check_topk_weights(topk_weights, topk_idx, device)
+            return DispatchArgs(payload, scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                is_token_in_rank, num_tokens_per_expert, None, expert_alignment, num_worst_tokens,
+                                config or self.get_dispatch_config(self.group_size))
+
+        args = self._validate(backend, "dispatch", check)
+        inputs = [args.x, args.x_scales, topk_idx, topk_weights, is_token_in_rank]
+        out, event = self._launch(lambda: backend.dispatch(args), inputs, previous_event, async_finish,
+                                  allocate_on_comm_stream, args.x.is_cuda)
+        recv_x = out.recv_x if out.recv_x_scales is None else (out.recv_x, out.recv_x_scales)
+        if cached:
+            return recv_x, None, None, None, None, event
+        return recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens_per_expert_list, out.handle, event
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, ...], None] = None, config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False):
+        """Reduce expert outputs back to their tokens: an unweighted sum over destination ranks.
+
+        x: bf16 [M, H], the rows dispatch returned (M = its recv rows). Returns (combined_x bf16 [N, H],
+        combined_topk_weights float32 [N, K] | None, event). Deterministic: same inputs, same bits.
+        """
+        backend = self._normal
+
+        def check():
+            device = self._device_of(backend)
+            self._check_handle(handle, DispatchHandle)
+            v.check_tensor("x", x, torch.bfloat16, shape=[handle.num_recv_rows, None], device=device)
+            v.check_row_alignment(x)
+            if topk_weights is not None:
+                v.check_tensor("topk_weights", topk_weights, torch.float32, shape=[handle.num_recv_rows, None],
+                               device=x.device)
+            if config is not None and not isinstance(config, Config):
+                raise TypeError(f"config must be an ep_comm.Config, got {type(config).__name__}")
+            return v.check_bias(bias, handle.num_tokens, x.shape[1], x.device)
+
+        biases = self._validate(backend, "combine", check)
+        cfg = config or self.get_combine_config(self.group_size)
+        (combined_x, combined_weights), event = self._launch(
+            lambda: backend.combine(x, handle, topk_weights, biases, cfg), [x, topk_weights, *biases],
+            previous_event, async_finish, allocate_on_comm_stream, x.is_cuda)
+        return combined_x, combined_weights, event
+
+    def _check_handle(self, handle, kind: type) -> None:
+        if not isinstance(handle, kind):
+            raise TypeError(f"handle must be the {kind.__name__} a previous call returned, got {type(handle).__name__}")
+        if handle.buffer_id != self._id:
+            raise ValueError("this handle was made by a different ep_comm.Buffer")
+
+    # ---- low-latency mode ------------------------------------------------------------------------
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """Send each (token, expert) pair to the expert's rank, packed per local expert. No host sync.
+
+        x: bf16 [N, H], N <= num_max_dispatch_tokens_per_rank (T). Returns (recv_x, recv_count int32
+        [E_local], handle, event, hook): recv_x is bf16 [E_local, R*T, H], or with use_fp8 a pair
+        (float8_e4m3fn [E_local, R*T, H], scales [E_local, R*T, H/128] float32 — or int32
+        [E_local, R*T, H/512] packed UE8M0 — as a column-major view). Rows of expert e: its first
+        recv_count[e], grouped by source rank. With return_recv_hook the call only sends; hook() receives.
+        """
+        backend = self._low_latency
+        self._require_low_latency()
+
+        def check() -> LowLatencyDispatchArgs:
+            device = self._device_of(backend)
+            v.check_tensor("x", x, torch.bfloat16, ndim=2, device=device)
+            num_tokens, hidden = x.shape
+            v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+            if num_tokens > num_max_dispatch_tokens_per_rank:
+                raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
+                                 f"{num_max_dispatch_tokens_per_rank}")
+            experts_per_rank = v.check_num_experts(num_experts, self.group_size)
+            if use_fp8 and hidden % v.FP8_BLOCK != 0:
+                raise ValueError(f"use_fp8 needs hidden to be a multiple of {v.FP8_BLOCK}, got {hidden}")
+            if use_ue8m0 and not (use_fp8 and round_scale):
+                raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True (UE8M0 holds powers of two)")
+            if use_ue8m0 and hidden % v.UE8M0_BLOCK != 0:
+                raise ValueError(f"use_ue8m0 packs 4 scales per int32, so hidden must be a multiple of "
+                                 f"{v.UE8M0_BLOCK}, got {hidden}")
+            v.check_row_alignment(x)
+            v.check_topk_idx(topk_idx, num_experts, num_tokens, x.device, distinct=True)
+            if cumulative_local_expert_recv_stats is not None:
+                v.check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
+                               shape=[experts_per_rank], device=x.device)
+            if async_finish and return_recv_hook:
+                raise ValueError("async_finish and return_recv_hook cannot both be set: the hook is the receive")
+            return LowLatencyDispatchArgs(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                          cumulative_local_expert_recv_stats, use_fp8, round_scale, use_ue8m0,
+                                          return_recv_hook)
+
+        args = self._validate(backend, "low_latency_dispatch", check)
+        out, event = self._launch_low_latency(lambda: backend.low_latency_dispatch(args), [x, topk_idx], async_finish,
+                                              x.is_cuda)
+        recv_x = out.recv_x if out.recv_x_scales is None else (out.recv_x, out.recv_x_scales)
+        return recv_x, out.recv_count, out.handle, event, out.hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: LowLatencyHandle, zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out: Optional[torch.Tensor] = None):
+        """Bring expert outputs back and reduce them with the top-k weights. No host sync.
+
+        x: bf16 [E_local, R*T, H] laid out as low_latency_dispatch returned it; topk_idx int64 and
+        topk_weights float32 [N, K] as given to dispatch. Returns (combined_x bf16 [N, H], event, hook).
+        """
+        backend = self._low_latency
+        self._require_low_latency()
+
+        def check() -> LowLatencyCombineArgs:
+            device = self._device_of(backend)
+            self._check_handle(handle, LowLatencyHandle)
+            rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
+            v.check_tensor("x", x, torch.bfloat16,
+                           shape=[handle.num_experts // self.group_size, rows, handle.hidden], device=device)
+            v.check_topk_idx(topk_idx, handle.num_experts, handle.num_tokens, x.device, distinct=True)
+            v.check_topk_weights(topk_weights, topk_idx, x.device)
+            if out is not None:
+                v.check_tensor("out", out, torch.bfloat16, shape=[handle.num_tokens, handle.hidden], device=x.device)
+            if async_finish and return_recv_hook:
+                raise ValueError("async_finish and return_recv_hook cannot both be set: the hook is the receive")
+            return LowLatencyCombineArgs(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out)
+
+        args = self._validate(backend, "low_latency_combine", check)
+        (combined, hook), event = self._launch_low_latency(lambda: backend.low_latency_combine(args),
+                                                           [x, topk_idx, topk_weights], async_finish, x.is_cuda)
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """bf16 [E_local, R*T, H]: write expert outputs here, then combine with zero_copy=True."""
+        self._require_low_latency()
+        self._check_alive()
+        self._check_handle(handle, LowLatencyHandle)
+        return self._low_latency.get_next_low_latency_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Reset the low-latency buffers (all ranks call it together)."""
+        self._require_low_latency()
+        self._check_alive()
+        v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        v.check_positive_int("hidden", hidden)
+        v.check_num_experts(num_experts, self.group_size)
+        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def _require_low_latency(self) -> None:
+        if not self.low_latency_mode:
+            raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
+
+    def _launch_low_latency(self, fn: Callable, inputs: Sequence, async_finish: bool, on_gpu: bool):
+        """Low-latency calls run on the current stream (CUDA-graph friendly) unless async_finish asks
+        for the communication stream and an event."""
+        if async_finish:
+            return self._launch(fn, inputs, None, True, False, on_gpu)
+        return fn(), EventOverlap(None)
+
+
+def _flatten(items) -> list:
+    out = []
+    stack = [items]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dataclass_fields__"):
+            stack.extend(getattr(item, f) for f in item.__dataclass_fields__)
+        else:
+            out.append(item)
+    return out

@@ -1,0 +1,61 @@
+"""One spawn helper for every multi-rank test: R processes, a free port, a gloo (or nccl) group.
+
+A test body is a plain function `body(rank, world, group, **kwargs)`. Failures in any rank are
+re-raised in the parent with the rank's traceback, and the seed is printed so a case can be rerun.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, body: Callable,
+            kwargs: dict, errors: Any) -> None:
+    os.environ["EP_COMM_TIMEOUT_S"] = os.environ.get("EP_COMM_TIMEOUT_S", str(timeout_s))
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            body(rank, world, dist.group.WORLD, **kwargs)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def run_ranks(body: Callable, world: int, backend: str = "gloo", timeout_s: float = 120.0, **kwargs) -> None:
+    """Run `body(rank, world, group, **kwargs)` in `world` fresh processes; raise if any rank fails."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, backend, timeout_s, body, kwargs, errors))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s + 60)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    hung = [r for r, p in enumerate(procs) if p.exitcode is None]
+    if failures or hung or any(p.exitcode != 0 for p in procs):
+        details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures))
+        raise AssertionError(f"{world} ranks, kwargs={kwargs}: exit codes {[p.exitcode for p in procs]}"
+                             f"{' hung ' + str(hung) if hung else ''}\n{details}")
