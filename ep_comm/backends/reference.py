@@ -67,6 +67,7 @@ class _LowLatencyLayout:
     # (local expert, source rank) -> rows [begin, end) of recv_x[expert]; the combine send order
     recv_ranges: List[List[Tuple[int, int]]]
     num_topk: int
+    device: torch.device            # where the zero-copy combine buffer lives
 
 
 class ReferenceBackend(Backend):
@@ -250,7 +251,7 @@ class ReferenceBackend(Backend):
         packed, widths = _pack_rows(parts)
         recv_count = torch.zeros(experts_per_rank, dtype=torch.int32, device=device)
         stats = args.cumulative_local_expert_recv_stats
-        layout = _LowLatencyLayout(send_flat_slots, send_counts.tolist(), [], [], num_topk)
+        layout = _LowLatencyLayout(send_flat_slots, send_counts.tolist(), [], [], num_topk, device)
         handle = LowLatencyHandle(buffer_id=self.ctx.buffer_id, backend=self.name, num_tokens=num_tokens,
                                   hidden=hidden, num_max_dispatch_tokens_per_rank=args.num_max_dispatch_tokens_per_rank,
                                   num_experts=args.num_experts, state=layout)
@@ -298,8 +299,8 @@ class ReferenceBackend(Backend):
         x = self.get_next_low_latency_combine_buffer(handle) if args.zero_copy else args.x
         experts_per_rank = x.shape[0]
         # Send each (expert, source) range back to its source: source-rank major, expert ascending.
-        send_rows = [x[e, begin:end] for s in range(self.ctx.num_ranks)
-                     for e, (begin, end) in ((e, layout.recv_ranges[e][s]) for e in range(experts_per_rank))]
+        send_rows = [x[e, begin:end] for s in range(self.ctx.num_ranks) for e in range(experts_per_rank)
+                     for begin, end in [layout.recv_ranges[e][s]]]
         packed = _as_bytes(torch.cat(send_rows, dim=0)) if send_rows else _as_bytes(x[0, :0])
         out = args.out if args.out is not None else torch.empty(handle.num_tokens, handle.hidden,
                                                                 dtype=torch.bfloat16, device=x.device)
@@ -327,10 +328,11 @@ class ReferenceBackend(Backend):
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         experts_per_rank = handle.num_experts // self.ctx.num_ranks
         rows = self.ctx.num_ranks * handle.num_max_dispatch_tokens_per_rank
-        key = (experts_per_rank, rows, handle.hidden, str(self.ctx.device))
+        device = handle.state.device
+        key = (experts_per_rank, rows, handle.hidden, str(device))
         if key not in self._combine_buffers:
             self._combine_buffers[key] = torch.zeros(experts_per_rank, rows, handle.hidden, dtype=torch.bfloat16,
-                                                     device=self.ctx.device)
+                                                     device=device)
         return self._combine_buffers[key]
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
