@@ -1,0 +1,51 @@
+// Bounded spinning. A kernel that waits on a peer (a flag, a counter, a queue tail) checks
+// spin_timed_out() in its loop; on timeout it calls report_timeout() and leaves the loop,
+// so the kernel ends, the host reads the error slot and raises a readable Python error.
+// No __trap(): a trap poisons the CUDA context and the process must die.
+//
+//   const long long start = clock64();
+//   while (ld_acquire_sys(flag) < expected) {
+//     if (spin_timed_out(start, timeout_cycles)) {
+//       report_timeout(error_slot, rank, kPhaseDispatchRecv, src_rank, expected);
+//       break;  // and skip work that needs the data
+//     }
+//   }
+#pragma once
+
+#include "kernels/common/ptx.cuh"
+#include "runtime/error_slot.hpp"
+
+namespace ep_comm {
+
+// ~100 s at 2 GHz: longer than any legitimate wait, short enough that a hang surfaces.
+constexpr long long kDefaultTimeoutCycles = 200LL * 1000 * 1000 * 1000;
+
+__device__ __forceinline__ bool spin_timed_out(long long start_cycles, long long timeout_cycles) {
+  return clock64() - start_cycles > timeout_cycles;
+}
+
+// Records the first error in the slot; later reports (other threads, other blocks) are
+// dropped. Returns whether this call's report was the one recorded.
+__device__ __forceinline__ bool report_error(ErrorSlot* slot, int code, int rank, int phase,
+                                             int peer, long long detail = 0) {
+  if (slot == nullptr) return false;
+  if (atomicCAS_system(&slot->code, kErrorNone, kErrorWriting) != kErrorNone) return false;
+  ptx::st_relaxed_sys(&slot->rank, rank);
+  ptx::st_relaxed_sys(&slot->phase, phase);
+  ptx::st_relaxed_sys(&slot->peer, peer);
+  ptx::st_relaxed_sys(&slot->detail, detail);
+  ptx::st_release_sys(&slot->code, code);  // publishes the fields above
+  return true;
+}
+
+__device__ __forceinline__ bool report_timeout(ErrorSlot* slot, int rank, int phase, int peer,
+                                               long long detail = 0) {
+  return report_error(slot, kErrorTimeout, rank, phase, peer, detail);
+}
+
+// Lets other threads of a kernel stop waiting once any thread gave up.
+__device__ __forceinline__ bool error_reported(const ErrorSlot* slot) {
+  return slot != nullptr && ptx::ld_relaxed_sys(&slot->code) != kErrorNone;
+}
+
+}  // namespace ep_comm

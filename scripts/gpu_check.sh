@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call, from the repository root:
+#   OUT=/some/dir scripts/gpu_check.sh
+# Each step's output goes to $OUT/<step>.log and its exit code to $OUT/summary.txt. A failing
+# step does not stop the others; the script exits nonzero if any step failed.
+# Knobs: EP_COMM_CUDA_ARCHS (default 90a), STEP_TIMEOUT seconds per step (default 1200).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-./out}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
+failed=0
+
+# step NAME CMD...: run CMD with a time limit, tee its output to $OUT/NAME.log, record rc.
+step() {
+  local name=$1; shift
+  local start=$SECONDS rc
+  echo "=== [$name] $*"
+  timeout -k 10 "$STEP_TIMEOUT" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$SUMMARY"
+  [ "$rc" -eq 0 ] || failed=1
+}
+
+step nvidia-smi nvidia-smi
+step env bash -c 'nvcc --version; python --version; python -c "import torch; print(\"torch\", torch.__version__, torch.version.cuda)"; python -m pip list 2>/dev/null | grep -i -E "nvshmem|torch|pybind11|ninja|cupy|nccl"'
+
+# No network on the GPU machine: everything is preinstalled, so no dependency resolution.
+step build env EP_COMM_CUDA_ARCHS="${EP_COMM_CUDA_ARCHS:-90a}" \
+  EP_COMM_MAX_JOBS="${EP_COMM_MAX_JOBS:-$(nproc)}" \
+  python -m pip install -v -e . --no-build-isolation --no-deps
+step import python -c "import ep_comm._C as c; print(c.build_info(), 'devices:', c.device_count()); print(c.get_device_properties(0))"
+
+step gpu-tests python -m pytest -v tests/gpu
+
+if [ -f ep_comm/bench/__main__.py ]; then
+  step bench python -m ep_comm.bench
+else
+  echo "bench skipped (no ep_comm/bench/__main__.py)" | tee -a "$SUMMARY"
+fi
+for script in bench/*.py; do
+  [ -f "$script" ] || continue
+  step "bench-$(basename "$script" .py)" python "$script"
+done
+
+echo "=== summary ($SUMMARY)"
+cat "$SUMMARY"
+exit "$failed"
