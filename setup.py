@@ -461,6 +461,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=install_requires(),
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
     zip_safe=False,
 )

@@ -3,7 +3,7 @@
 #   OUT=/some/dir scripts/gpu_check.sh
 # Each step's output goes to $OUT/<step>.log and its exit code to $OUT/summary.txt. A failing
 # step does not stop the others; the script exits nonzero if any step failed.
-# Knobs: EP_COMM_CUDA_ARCHS (default 90a), STEP_TIMEOUT seconds per step (default 1200).
+# Knobs: EP_COMM_CUDA_ARCHS (default 90a), STEP_TIMEOUT seconds per step (default 240; a device command may run 600 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
