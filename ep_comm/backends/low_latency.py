@@ -1,0 +1,387 @@
+"""Low-latency mode on NVSHMEM: the Python half of csrc/kernels/low_latency.cu.
+
+This module allocates outputs with torch, passes raw pointers and the current stream to
+``ep_comm._C.LowLatencyRuntime``, and owns NVSHMEM's lifetime for one Buffer. Protocol, buffer
+layout and the reasoning behind them: docs/low_latency.md.
+
+Rules it keeps so that calls can be captured in a CUDA graph and replayed:
+  * no host synchronisation and no host-side state that changes per call: the double-buffer
+    parity is an epoch counter in device memory, advanced by the kernels themselves;
+  * every tensor a kernel touches is allocated with torch inside the call (a graph's private pool
+    during capture) or is the symmetric buffer itself;
+  * device errors (timeouts) are read from a host-mapped slot, never by synchronising: at the start
+    of every call, in every hook, and in ``check()``.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ep_comm import _ext
+from ep_comm.backends.base import (Backend, BackendContext, LowLatencyCombineArgs, LowLatencyDispatchArgs,
+                                   LowLatencyDispatchOutput, LowLatencyHandle)
+
+_FP8_BLOCK = 128
+_UE8M0_BLOCK = 512
+_DEFAULT_SYMMETRIC_HEAP = 1 << 30    # NVSHMEM's own default (1 GiB)
+_HEAP_HEADROOM = 128 << 20           # NVSHMEM's internal allocations share the heap
+
+
+@dataclass
+class _LowLatencyLayout:
+    """What a dispatch leaves for its combine (all device tensors, filled by the kernels)."""
+
+    token_slot: torch.Tensor    # int32 [N, K]: slot of (token, k) at its expert, -1 for none
+    send_count: torch.Tensor    # int32 [E]: rows this rank sent to each expert
+    recv_layout: torch.Tensor   # int32 [E_local, R, 2]: (first row, rows) of each source in recv_x
+    num_topk: int
+    use_fp8: bool
+
+
+class _DeviceMemory:
+    """Exposes raw device memory through __cuda_array_interface__ so torch can wrap it (no copy)."""
+
+    def __init__(self, ptr: int, num_bytes: int, owner: object) -> None:
+        self._owner = owner  # keeps the runtime object referenced while the view lives
+        self.__cuda_array_interface__ = {"shape": (num_bytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+def _destroy_at_exit(ref: "weakref.ReferenceType[LowLatencyBackend]") -> None:
+    backend = ref()
+    if backend is not None:
+        try:
+            backend.destroy()
+        except Exception:  # interpreter shutdown: nothing sensible left to report to
+            pass
+
+
+class LowLatencyBackend(Backend):
+    """Low-latency dispatch/combine for one Buffer (collective construction and destroy)."""
+
+    name = "low_latency"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self._C = _ext.require()
+        if ctx.device.type != "cuda":
+            raise RuntimeError("the low-latency kernels need a CUDA device")
+        if ctx.num_rdma_bytes <= 0:
+            raise ValueError("low_latency_mode=True needs num_rdma_bytes > 0; size it with "
+                             "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, "
+                             "num_ranks, num_experts)")
+        self.device = ctx.device
+        self._destroyed = False
+        self._sizes: Optional[Tuple[int, int, int]] = None   # (T, H, E) the buffer is laid out for
+        self._combine_views: Dict[Tuple[int, int, int], torch.Tensor] = {}
+        self._runtime = None
+        # Host-side sequence numbers, for validation only (the kernels keep their own epoch on the
+        # device): ops whose receive hook has not been called yet.
+        self._op_seq = 0
+        self._pending_receives: set = set()
+
+        self._configure_nvshmem_environment()
+        self._acquire_nvshmem()
+        try:
+            with torch.cuda.device(self.device):
+                self._runtime = self._C.LowLatencyRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
+                                                          ctx.allow_nvlink_for_low_latency_mode, ctx.timeout_s)
+        except BaseException:
+            self._C.nvshmem_release()
+            raise
+        # Peers write into this rank's buffer as soon as they run their first op: only after every
+        # rank zeroed its buffer (the runtime's constructor synchronises) may anyone start.
+        dist.barrier(group=ctx.group)
+        atexit.register(_destroy_at_exit, weakref.ref(self))
+
+    # ---- NVSHMEM lifetime ------------------------------------------------------------------------
+    def _configure_nvshmem_environment(self) -> None:
+        """Defaults NVSHMEM reads at initialisation; a variable the user set always wins."""
+        env = os.environ
+        if self._C.nvshmem_reference_count() > 0:
+            return  # already initialised in this process: its settings are fixed
+        if not self.ctx.allow_nvlink_for_low_latency_mode:
+            # Send even NVLink peers through the network transport, as DeepEP does.
+            env.setdefault("NVSHMEM_DISABLE_P2P", "1")
+        # No multicast objects and no NVSHMEM collectives are used: skip NVLS set-up, and keep
+        # NVSHMEM from loading NCCL (which refuses several ranks per GPU and may clash with torch's).
+        env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        env.setdefault("NVSHMEM_DISABLE_NCCL", "1")
+        if env.get("NVSHMEM_IB_ENABLE_IBGDA", "0").lower() in ("1", "true", "yes", "on"):
+            env.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(self.ctx.num_qps_per_rank))
+        # Reserve the whole buffer up front rather than rely on the heap growing later.
+        needed = self.ctx.num_rdma_bytes + _HEAP_HEADROOM
+        if needed > _DEFAULT_SYMMETRIC_HEAP:
+            env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str((needed + (2 << 20) - 1) // (2 << 20) * (2 << 20)))
+
+    def _acquire_nvshmem(self) -> None:
+        """Initialise NVSHMEM (rank 0's unique id, all-gathered over ctx.group) or share it."""
+        ctx = self.ctx
+        initialized = self._C.nvshmem_reference_count() > 0
+        unique_id = self._C.nvshmem_get_unique_id() if ctx.rank == 0 and not initialized else None
+        gathered = [None] * ctx.num_ranks
+        dist.all_gather_object(gathered, (initialized, unique_id), group=ctx.group)
+        states = sorted({bool(g[0]) for g in gathered})
+        if len(states) > 1:
+            ready = [r for r, g in enumerate(gathered) if g[0]]
+            raise RuntimeError(f"ranks {ready} already initialised NVSHMEM and the others did not: create and "
+                               "destroy low-latency Buffers in the same order on every rank")
+        root_id = gathered[0][1] if not initialized else b""
+        # NVSHMEM numbers PEs once, at initialisation: a later Buffer may share it only over the
+        # same group (same members, same order), which the key identifies.
+        group_key = ",".join(str(r) for r in dist.get_process_group_ranks(ctx.group))
+        self._C.nvshmem_acquire(root_id or b"", ctx.rank, ctx.num_ranks, self.device.index, group_key)
+
+    def destroy(self) -> None:
+        """Collective (all ranks together) and idempotent: free the symmetric buffer and release NVSHMEM."""
+        if self._destroyed:
+            return
+        self._destroyed = True
+        self._combine_views.clear()
+        if self._runtime is None:
+            return
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            self._runtime.destroy()
+        self._C.nvshmem_release()
+
+    # ---- checks --------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise RuntimeError for the first device error (e.g. a timeout naming rank and phase).
+
+        Reads a host-mapped slot; it does not synchronise, so it sees errors of kernels that have
+        already run. After an error the buffer's state is undefined: call clean_low_latency_buffer
+        on all ranks (which also clears the error) or create a new Buffer.
+        """
+        if self._destroyed:
+            raise RuntimeError("this low-latency buffer was destroyed")
+        if self._runtime.has_error():
+            try:
+                self._runtime.check_error()
+            except RuntimeError as e:
+                raise RuntimeError(f"{e}. The low-latency buffer is unusable until clean_low_latency_buffer() "
+                                   "runs on all ranks") from None
+
+    def _fix_sizes(self, num_max_tokens: int, hidden: int, num_experts: int) -> None:
+        """The buffer is laid out for one (T, H, E) at a time; check it fits and did not change."""
+        sizes = (num_max_tokens, hidden, num_experts)
+        if self._sizes == sizes:
+            return
+        needed = int(self._C.low_latency_buffer_bytes(num_max_tokens, hidden, self.ctx.num_ranks, num_experts))
+        if needed > self.ctx.num_rdma_bytes:
+            raise ValueError(f"low-latency mode with num_max_dispatch_tokens_per_rank={num_max_tokens}, hidden={hidden}, "
+                             f"num_experts={num_experts} over {self.ctx.num_ranks} ranks needs num_rdma_bytes >= "
+                             f"{needed} (Buffer.get_low_latency_rdma_size_hint), but this Buffer has "
+                             f"{self.ctx.num_rdma_bytes}")
+        if self._sizes is not None:
+            raise ValueError(f"this low-latency buffer is laid out for (num_max_dispatch_tokens_per_rank, hidden, "
+                             f"num_experts)={self._sizes}, got {sizes}; call clean_low_latency_buffer{sizes} on all "
+                             "ranks before changing sizes")
+        self._sizes = sizes
+
+    def _begin_op(self, return_recv_hook: bool) -> int:
+        """Sequence number of a new op; refuses an op that would wait forever for its own rank.
+
+        Two ops in a row use the two halves of the buffer; op n reuses op n-2's half and its send
+        waits until every rank (this one included) received op n-2. If op n-2's hook was not called
+        yet, that wait could never end.
+        """
+        seq = self._op_seq
+        if seq - 2 in self._pending_receives:
+            raise RuntimeError("the receive hook of the low-latency call before the previous one has not been called; "
+                               "at most two low-latency calls may await their hooks (the buffer has two halves)")
+        self._op_seq += 1
+        if return_recv_hook:
+            self._pending_receives.add(seq)
+        return seq
+
+    def _end_op(self, seq: int) -> None:
+        self._pending_receives.discard(seq)
+
+    # ---- dispatch ------------------------------------------------------------------------------
+    def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchOutput:
+        self.check()
+        ctx = self.ctx
+        x = args.x.contiguous()
+        topk_idx = args.topk_idx.contiguous()
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.shape[1]
+        num_max_tokens = args.num_max_dispatch_tokens_per_rank
+        num_experts = args.num_experts
+        num_ranks = ctx.num_ranks
+        experts_per_rank = num_experts // num_ranks
+        rows = num_ranks * num_max_tokens
+        self._fix_sizes(num_max_tokens, hidden, num_experts)
+
+        device = x.device
+        i32 = dict(dtype=torch.int32, device=device)
+        token_slot = torch.empty(num_tokens, num_topk, **i32)
+        send_count = torch.empty(num_experts, **i32)
+        call_epoch = torch.empty(1, dtype=torch.int64, device=device)
+        recv_count = torch.empty(experts_per_rank, **i32)
+        recv_layout = torch.empty(experts_per_rank, num_ranks, 2, **i32)
+        recv_scales = None
+        if args.use_fp8:
+            recv_x = torch.empty(experts_per_rank, rows, hidden, dtype=torch.float8_e4m3fn, device=device)
+            # Column-major scales: allocated [E_local, S, R*T], returned as the [E_local, R*T, S] view.
+            if args.use_ue8m0:
+                recv_scales = torch.empty(experts_per_rank, hidden // _UE8M0_BLOCK, rows, **i32).transpose(1, 2)
+            else:
+                recv_scales = torch.empty(experts_per_rank, hidden // _FP8_BLOCK, rows, dtype=torch.float32,
+                                          device=device).transpose(1, 2)
+        else:
+            recv_x = torch.empty(experts_per_rank, rows, hidden, dtype=torch.bfloat16, device=device)
+        stats = args.cumulative_local_expert_recv_stats
+
+        seq = self._begin_op(args.return_recv_hook)
+        send_stream = torch.cuda.current_stream(device)
+        try:
+            self._runtime.dispatch_send(num_max_tokens, hidden, num_experts, x.data_ptr(), topk_idx.data_ptr(),
+                                        num_tokens, num_topk, args.use_fp8, args.round_scale, token_slot.data_ptr(),
+                                        send_count.data_ptr(), call_epoch.data_ptr(), send_stream.cuda_stream)
+        except BaseException:
+            self._end_op(seq)
+            raise
+
+        def receive() -> None:
+            self.check()
+            self._end_op(seq)
+            stream = self._stream_after(send_stream, [call_epoch, recv_x, recv_scales, recv_count, recv_layout,
+                                                      stats])
+            self._runtime.dispatch_recv(num_max_tokens, hidden, num_experts, call_epoch.data_ptr(), args.use_fp8,
+                                        args.use_ue8m0, recv_x.data_ptr(),
+                                        recv_scales.data_ptr() if recv_scales is not None else 0,
+                                        recv_count.data_ptr(), recv_layout.data_ptr(),
+                                        stats.data_ptr() if stats is not None else 0, stream.cuda_stream)
+
+        handle = LowLatencyHandle(buffer_id=ctx.buffer_id, backend=self.name, num_tokens=num_tokens, hidden=hidden,
+                                  num_max_dispatch_tokens_per_rank=num_max_tokens, num_experts=num_experts,
+                                  state=_LowLatencyLayout(token_slot, send_count, recv_layout, num_topk, args.use_fp8))
+        if args.return_recv_hook:
+            return LowLatencyDispatchOutput(recv_x, recv_scales, recv_count, handle, _hook(receive))
+        receive()
+        return LowLatencyDispatchOutput(recv_x, recv_scales, recv_count, handle, None)
+
+    # ---- combine -------------------------------------------------------------------------------
+    def low_latency_combine(self, args: LowLatencyCombineArgs):
+        self.check()
+        handle = args.handle
+        layout: _LowLatencyLayout = handle.state
+        num_max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._fix_sizes(num_max_tokens, hidden, num_experts)
+        topk_idx = args.topk_idx.contiguous()
+        topk_weights = args.topk_weights.contiguous()
+        num_tokens, num_topk = topk_idx.shape
+        if num_topk != layout.num_topk:
+            raise ValueError(f"topk_idx has {num_topk} slots per token, but the dispatch that made this handle had "
+                             f"{layout.num_topk}")
+        x = args.x if args.zero_copy else args.x.contiguous()
+        device = topk_idx.device
+        out = args.out
+        target = out if out is not None and out.is_contiguous() else torch.empty(num_tokens, hidden,
+                                                                                   dtype=torch.bfloat16, device=device)
+        call_epoch = torch.empty(1, dtype=torch.int64, device=device)
+
+        seq = self._begin_op(args.return_recv_hook)
+        send_stream = torch.cuda.current_stream(device)
+        try:
+            self._runtime.combine_send(num_max_tokens, hidden, num_experts, x.data_ptr(), bool(args.zero_copy),
+                                       layout.recv_layout.data_ptr(), call_epoch.data_ptr(), send_stream.cuda_stream)
+        except BaseException:
+            self._end_op(seq)
+            raise
+
+        def receive() -> None:
+            self.check()
+            self._end_op(seq)
+            stream = self._stream_after(send_stream, [call_epoch, topk_idx, topk_weights, layout.token_slot,
+                                                      layout.send_count, target])
+            self._runtime.combine_recv(num_max_tokens, hidden, num_experts, call_epoch.data_ptr(),
+                                       topk_idx.data_ptr(), topk_weights.data_ptr(), layout.token_slot.data_ptr(),
+                                       layout.send_count.data_ptr(), num_tokens, num_topk, target.data_ptr(),
+                                       stream.cuda_stream)
+            if out is not None and target is not out:
+                out.copy_(target)
+
+        result = out if out is not None else target
+        if args.return_recv_hook:
+            return result, _hook(receive)
+        receive()
+        return result, None
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """bf16 [E_local, R*T, H] view of the symmetric buffer that combine(zero_copy=True) sends from.
+
+        Not double-buffered: every combine finishes reading it before its send kernel ends, so the
+        same view serves every call. It stays valid until destroy().
+        """
+        if self._destroyed:
+            raise RuntimeError("this low-latency buffer was destroyed")
+        key = (handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        view = self._combine_views.get(key)
+        if view is None:
+            num_max_tokens, hidden, num_experts = key
+            self._fix_sizes(num_max_tokens, hidden, num_experts)
+            offsets = self._runtime.layout(num_max_tokens, hidden, num_experts)
+            experts_per_rank = num_experts // self.ctx.num_ranks
+            rows = self.ctx.num_ranks * num_max_tokens
+            num_bytes = experts_per_rank * rows * hidden * 2
+            memory = _DeviceMemory(self._runtime.buffer_ptr + offsets["combine_staging_offset"], num_bytes,
+                                   self._runtime)
+            raw = torch.as_tensor(memory, device=self.device)
+            view = raw.view(torch.bfloat16).view(experts_per_rank, rows, hidden)
+            self._combine_views[key] = view
+        return view
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """Collective: wait for the device, reset control words, epochs and the error slot; re-lay out
+        the buffer for (T, H, E). The way back after a timeout, and before changing sizes."""
+        if self._destroyed:
+            raise RuntimeError("this low-latency buffer was destroyed")
+        needed = int(self._C.low_latency_buffer_bytes(num_max_dispatch_tokens_per_rank, hidden, self.ctx.num_ranks,
+                                                      num_experts))
+        if needed > self.ctx.num_rdma_bytes:
+            raise ValueError(f"clean_low_latency_buffer({num_max_dispatch_tokens_per_rank}, {hidden}, {num_experts}): "
+                             f"these sizes need num_rdma_bytes >= {needed}, but this Buffer has "
+                             f"{self.ctx.num_rdma_bytes}")
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            dist.barrier(group=self.ctx.group)   # nobody is still sending into us
+            self._runtime.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+            dist.barrier(group=self.ctx.group)   # nobody starts before everyone is clean
+        self._sizes = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._combine_views.clear()
+        self._pending_receives.clear()   # whatever was in flight is abandoned
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _stream_after(self, send_stream: "torch.cuda.Stream", tensors: list) -> "torch.cuda.Stream":
+        """The stream a receive runs on: the current one, ordered after the send it completes. When
+        that is another stream, the tensors the receive touches are marked as used there, so the
+        caching allocator does not hand their memory out before the receive is done."""
+        stream = torch.cuda.current_stream(self.device)
+        if stream != send_stream:
+            stream.wait_stream(send_stream)
+            for t in tensors:
+                if t is not None:
+                    t.record_stream(stream)
+        return stream
+
+
+def _hook(receive: Callable[[], None]) -> Callable[[], None]:
+    """The receive half as a hook. Calling it twice would wait for data that never comes again."""
+    called = False
+
+    def hook() -> None:
+        nonlocal called
+        if called:
+            raise RuntimeError("a low-latency receive hook can be called only once")
+        called = True
+        receive()
+
+    return hook
