@@ -1,0 +1,199 @@
+"""Internode kernels (NVSHMEM between nodes, NVLink inside) against the reference backend.
+
+All ranks run as processes on one GPU over a gloo group; each declares a virtual node size with
+EP_COMM_RANKS_PER_NODE before creating its Buffers (4 ranks as 2x2, 8 as 2x4 and 4x2), so the
+"RDMA" leg goes through NVSHMEM over P2P and the NVLink leg through nvshmem_ptr. Each rank feeds
+the kernels and a reference Buffer the same seeded inputs (GPU tensors to the kernels, CPU copies
+to the reference): layout and dispatch must match bit for bit, combine within calc_diff 5e-6.
+
+Without MPS the ranks' kernels time-slice the GPU, so sizes stay small.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ep_comm import _ext
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not _ext.gpu_available(), reason="needs a CUDA GPU and the built ep_comm._C")]
+
+import ep_comm  # noqa: E402
+from ep_comm import fp8  # noqa: E402
+from ep_comm.config import Config  # noqa: E402
+from ep_comm.testing import calc_diff, make_inputs  # noqa: E402
+from dist import run_ranks  # noqa: E402
+
+HIDDEN = 256
+SEED = 20261125
+# Tiny rings (4 RDMA slots, 2 NVL slots) make every ring wrap many times; the second config is
+# roomier and has another channel count, so the token split changes between calls on one buffer.
+CONFIGS = [
+    Config(num_sms=4, num_max_nvl_chunked_send_tokens=2, num_max_nvl_chunked_recv_tokens=8,
+           num_max_rdma_chunked_send_tokens=2, num_max_rdma_chunked_recv_tokens=4),
+    Config(num_sms=6, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=64,
+           num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=64),
+]
+
+
+def _tokens(rank: int, world: int, base: int) -> int:
+    """Uneven token counts; the last rank has none."""
+    return 0 if rank == world - 1 else base + 5 * rank
+
+
+def _same(name, got, want, seed):
+    if want is None or got is None:
+        assert got is None and want is None, f"{name}: got {type(got)}, want {type(want)} (seed {seed})"
+        return
+    if isinstance(want, (list, tuple)):
+        assert list(got) == list(want), f"{name}: {got} != {want} (seed {seed})"
+        return
+    got, want = got.cpu(), want.cpu()
+    if got.dtype == torch.float8_e4m3fn:
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    assert got.dtype == want.dtype and got.shape == want.shape, \
+        f"{name}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)} (seed {seed})"
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()
+        raise AssertionError(f"{name}: {bad.shape[0]} mismatches, first at {bad[0].tolist()}: "
+                             f"{got[tuple(bad[0])]} != {want[tuple(bad[0])]} (seed {seed})")
+
+
+def _close(name, got, want, seed, limit=5e-6):
+    if want is None:
+        assert got is None, f"{name}: expected None (seed {seed})"
+        return
+    got, want = got.cpu(), want.cpu()
+    assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != {list(want.shape)} (seed {seed})"
+    diff = calc_diff(got.float(), want.float())
+    assert diff < limit, f"{name}: calc_diff {diff} >= {limit} (seed {seed})"
+
+
+def _split(x):
+    return (x[0], x[1]) if isinstance(x, tuple) else (x, None)
+
+
+def _check_config(rank, world, kernels, reference, config, seed, device):
+    num_experts = 4 * world
+    num_topk = min(6, num_experts)
+    mine = make_inputs(seed, rank, _tokens(rank, world, 19), HIDDEN, num_topk, num_experts, masked_fraction=0.2)
+    gpu = lambda t: None if t is None else t.to(device)  # noqa: E731
+
+    # Layout, num_tokens_per_rdma_rank included.
+    got = kernels.get_dispatch_layout(gpu(mine.topk_idx), num_experts)
+    want = reference.get_dispatch_layout(mine.topk_idx, num_experts)
+    for name, g, w in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
+                           "is_token_in_rank"), got[:4], want[:4]):
+        assert w is not None, name
+        _same(name, g, w, seed)
+    k_layout = dict(num_tokens_per_rank=got[0], num_tokens_per_rdma_rank=got[1], num_tokens_per_expert=got[2],
+                    is_token_in_rank=got[3])
+    r_layout = dict(num_tokens_per_rank=want[0], num_tokens_per_rdma_rank=want[1], num_tokens_per_expert=want[2],
+                    is_token_in_rank=want[3])
+
+    # Dispatch: bf16 and FP8, two alignments.
+    for use_fp8 in (False, True):
+        x_cpu = fp8.per_token_cast_to_fp8(mine.x) if use_fp8 else mine.x
+        x_gpu = tuple(gpu(t) for t in x_cpu) if use_fp8 else gpu(x_cpu)
+        for alignment in (1, 4):
+            k = kernels.dispatch(x_gpu, topk_idx=gpu(mine.topk_idx), topk_weights=gpu(mine.topk_weights),
+                                 expert_alignment=alignment, config=config, **k_layout)
+            r = reference.dispatch(x_cpu, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights,
+                                   expert_alignment=alignment, config=config, **r_layout)
+            tag = f"fp8={use_fp8} align={alignment} cfg={config.num_sms}"
+            for part, (g, w) in enumerate(zip(_split(k[0]), _split(r[0]))):
+                _same(f"recv_x[{part}] {tag}", g, w, seed)
+            _same(f"recv_topk_idx {tag}", k[1], r[1], seed)
+            _same(f"recv_topk_weights {tag}", k[2], r[2], seed)
+            _same(f"num_recv_tokens_per_expert_list {tag}", k[3], r[3], seed)
+
+    # Dispatch without weights (recv weights None), then the one whose handle combine uses.
+    k = kernels.dispatch(gpu(mine.x), topk_idx=gpu(mine.topk_idx), config=config, **k_layout)
+    r = reference.dispatch(mine.x, topk_idx=mine.topk_idx, config=config, **r_layout)
+    assert k[2] is None and r[2] is None
+    _same("recv_x (no weights)", k[0], r[0], seed)
+    k = kernels.dispatch(gpu(mine.x), topk_idx=gpu(mine.topk_idx), topk_weights=gpu(mine.topk_weights),
+                         config=config, **k_layout)
+    r = reference.dispatch(mine.x, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, config=config, **r_layout)
+    k_handle, r_handle = k[4], r[4]
+    num_recv = r[0].shape[0]
+
+    # num_worst_tokens: exactly that many rows, padding -1 / 0, empty list, no host sync.
+    worst = num_recv + 7
+    kw = kernels.dispatch(gpu(mine.x), topk_idx=gpu(mine.topk_idx), topk_weights=gpu(mine.topk_weights),
+                          num_worst_tokens=worst, config=config, **k_layout)
+    rw = reference.dispatch(mine.x, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, num_worst_tokens=worst,
+                            config=config, **r_layout)
+    assert kw[0].shape[0] == worst and kw[3] == []
+    for name, g, w in (("recv_x worst", kw[0], rw[0]), ("recv_topk_idx worst", kw[1], rw[1]),
+                       ("recv_topk_weights worst", kw[2], rw[2])):
+        _same(name, g, w, seed)
+
+    # Cached dispatch with new data, bf16 and FP8.
+    x2 = (mine.x.float() * -2).to(torch.bfloat16)
+    kc = kernels.dispatch(gpu(x2), handle=k_handle, config=config)
+    rc = reference.dispatch(x2, handle=r_handle, config=config)
+    assert kc[1:5] == (None, None, None, None)
+    _same("cached recv_x", kc[0], rc[0], seed)
+    x2_fp8 = fp8.per_token_cast_to_fp8(x2)
+    kc = kernels.dispatch(tuple(gpu(t) for t in x2_fp8), handle=k_handle, config=config)
+    rc = reference.dispatch(x2_fp8, handle=r_handle, config=config)
+    for part, (g, w) in enumerate(zip(_split(kc[0]), _split(rc[0]))):
+        _same(f"cached fp8 recv_x[{part}]", g, w, seed)
+
+    # Combine: rows scaled by (rank + 1), with and without weights and biases.
+    expert_out = (r[0].float() * (rank + 1)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(seed + 7 * rank)
+    n = mine.x.shape[0]
+    bias = (torch.randn(n, HIDDEN, generator=g).to(torch.bfloat16), torch.randn(n, HIDDEN, generator=g).to(torch.bfloat16))
+    for use_weights in (False, True):
+        for num_bias in (0, 1, 2):
+            kb = tuple(gpu(b) for b in bias[:num_bias]) or None
+            rb = bias[:num_bias] or None
+            kx, kwts, _ = kernels.combine(gpu(expert_out), k_handle, topk_weights=gpu(r[2]) if use_weights else None,
+                                          bias=kb, config=config)
+            rx, rwts, _ = reference.combine(expert_out, r_handle, topk_weights=r[2] if use_weights else None,
+                                            bias=rb, config=config)
+            tag = f"weights={use_weights} bias={num_bias} cfg={config.num_sms}"
+            _close(f"combined_x {tag}", kx, rx, seed)
+            _close(f"combined_topk_weights {tag}", kwts, rwts, seed)
+    # Through the padded handle (padding rows ignored).
+    padded = torch.cat([expert_out, torch.randn(worst - num_recv, HIDDEN).to(torch.bfloat16)])
+    kx, _, _ = kernels.combine(gpu(padded), kw[4], config=config)
+    rx, _, _ = reference.combine(padded, rw[4], config=config)
+    _close("combined_x (worst handle)", kx, rx, seed)
+    # Deterministic: same inputs, same bits.
+    kx2, _, _ = kernels.combine(gpu(padded), kw[4], config=config)
+    assert torch.equal(kx.cpu(), kx2.cpu()), f"combine is not deterministic (seed {seed})"
+
+
+def _body(rank, world, group, ranks_per_node, seed):
+    os.environ["EP_COMM_RANKS_PER_NODE"] = str(ranks_per_node)
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    num_rdma_bytes = max(max(cfg.get_rdma_buffer_size_hint(HIDDEN * 2, world) for cfg in CONFIGS), 1)
+    kernels = ep_comm.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, backend="kernels")
+    assert kernels._normal.name == "internode", kernels._normal.name
+    assert kernels.get_num_rdma_ranks() == world // ranks_per_node
+    reference = ep_comm.Buffer(group, backend="reference")
+    try:
+        for i, config in enumerate(CONFIGS):
+            _check_config(rank, world, kernels, reference, config, seed + i, device)
+        # A buffer too small for a call is refused on the host, before any launch, naming the size.
+        big = Config(num_sms=8, num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
+        mine = make_inputs(seed, rank, 4, HIDDEN, 2, 4 * world)
+        layout = kernels.get_dispatch_layout(mine.topk_idx.to(device), 4 * world)[:4]
+        with pytest.raises(RuntimeError, match="num_rdma_bytes >="):
+            kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), config=big,
+                             num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                             num_tokens_per_expert=layout[2], is_token_in_rank=layout[3])
+        torch.cuda.synchronize()
+    finally:
+        kernels.destroy()
+
+
+@pytest.mark.parametrize("world,ranks_per_node", [(4, 2), (8, 4), (8, 2)])
+def test_internode_matches_reference(world, ranks_per_node):
+    run_ranks(_body, world, timeout_s=400.0, ranks_per_node=ranks_per_node, seed=SEED + world * 10 + ranks_per_node)
