@@ -129,8 +129,24 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
     ptx::st_release_sys(at<unsigned long long>(ctx.buffers[threadIdx.x], layout.notify_signature_offset(ctx.rank)),
                         static_cast<unsigned long long>(make_tagged(epoch, args.signature)));
 
-  // 2. Gather what every source sends me.
+  // 2. Check every source's signature first: a rank whose sizes or Config differ (e.g. another
+  // channel count or expert count) does not write the counts waited for below where this rank
+  // looks, so checking last would turn the mismatch into a misleading notify timeout.
   bool failed = false;
+  if (threadIdx.x < num_ranks) {
+    const int src = threadIdx.x;
+    const auto* word = at<const uint64_t>(ctx.buffers[ctx.rank], layout.notify_signature_offset(src));
+    const int64_t signature = wait_tagged_at_least(word, epoch, 0, ctx, kPhaseNotify, src);
+    failed = signature < 0;
+    // Ranks that disagree on the ring layout would scribble over each other's slots.
+    if (!failed && uint32_t(signature) != args.signature) {
+      report_error(ctx.error_slot, kErrorInvalidInput, ctx.rank, kPhaseNotify, src, signature);
+      failed = true;
+    }
+  }
+  if (__syncthreads_or(failed)) return;
+
+  // 3. Gather what every source sends me.
   for (int i = threadIdx.x; i < num_ranks * num_channels && !failed; i += kNotifyThreads) {
     const int src = i / num_channels, channel = i % num_channels;
     const auto* word = at<const uint64_t>(ctx.buffers[ctx.rank], layout.notify_channel_offset(src, channel));
@@ -151,21 +167,10 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
       args.recv_counters->num_recv_tokens_per_expert[expert] = int((sum + align - 1) / align * align);
     }
   }
-  if (threadIdx.x < num_ranks && !failed) {
-    const int src = threadIdx.x;
-    const auto* word = at<const uint64_t>(ctx.buffers[ctx.rank], layout.notify_signature_offset(src));
-    const int64_t signature = wait_tagged_at_least(word, epoch, 0, ctx, kPhaseNotify, src);
-    failed = signature < 0;
-    // Ranks that disagree on the ring layout would scribble over each other's slots.
-    if (!failed && uint32_t(signature) != args.signature) {
-      report_error(ctx.error_slot, kErrorInvalidInput, ctx.rank, kPhaseNotify, src, signature);
-      failed = true;
-    }
-  }
   if (args.recv_counters != nullptr) ptx::fence_sc_sys();  // host-mapped stores before `ready`
   if (__syncthreads_or(failed)) return;
 
-  // 3. recv_start = exclusive prefix of s_counts in (src, channel) order: the output row order.
+  // 4. recv_start = exclusive prefix of s_counts in (src, channel) order: the output row order.
   const int num_items = num_ranks * num_channels;
   int local[4], local_sum = 0;
 #pragma unroll

@@ -120,6 +120,13 @@ __device__ __forceinline__ bool start_rendezvous(const Context& ctx, const Buffe
       }
     }
   }
+  // An error recorded by an earlier kernel of this rank (sticky: the host raises it at its next
+  // call, but kernels queued before that still run) means the buffer is out of step: e.g. notify
+  // found a peer with another ring layout, or more rows than num_worst_tokens (then combine would
+  // read x past its rows). Do nothing then; peers time out and report. Checked by a thread that
+  // does not spin above, so the (slow) host-mapped read overlaps the wait.
+  if (threadIdx.x == blockDim.x - 1 && threadIdx.x >= ctx.num_ranks && error_reported(ctx.error_slot))
+    failed = true;
   return !__syncthreads_or(failed);
 }
 

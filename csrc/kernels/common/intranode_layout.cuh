@@ -9,12 +9,19 @@
 //
 //   local state   epoch (u64), finished-block count (u32)      written by this rank only
 //   started[R]    u64: the epoch of the latest kernel peer p has started (written by p)
-//   notify        u64 [R src][C]           tokens src sends me in channel c      (tagged)
+//   notify        u64 [R src][kMaxChannels] tokens src sends me in channel c     (tagged)
 //                 u64 [R src][kMaxLocalExperts] src's tokens for my local expert e (tagged)
 //                 u64 [R src]              src's call signature                  (tagged)
-//   ring tails    u64 [R writer][C]        slots `writer` has filled in ring (writer -> me, c)
-//   ring heads    u64 [R reader][C]        slots `reader` has drained from ring (me -> reader, c)
+//   ring tails    u64 [R writer][kMaxChannels] slots `writer` has filled in ring (writer -> me, c)
+//   ring heads    u64 [R reader][kMaxChannels] slots `reader` has drained from ring (me -> reader, c)
 //   ring slots    [R writer][C][num_slots][slot_bytes]   payload of ring (writer -> me, c)
+//
+// Every control word (everything before the ring slots) has a fixed address for the buffer's life:
+// the per-channel regions are sized and indexed by kMaxChannels, not by the call's channel count.
+// Otherwise a call with more channels than the previous one would move its tails/heads (and the
+// signature) onto bytes the previous call left in its ring slots, and a payload word whose upper
+// half happens to equal the current epoch (e.g. a pair of small local expert ids) would read as a
+// valid tagged counter.
 //
 // A ring lives in its READER's buffer (the writer stores into it through the peer pointer),
 // its tail next to it; its head lives in the WRITER's buffer (the reader stores it remotely), so
@@ -104,7 +111,7 @@ struct BufferLayout {
     return started_begin() + align_up(int64_t(num_ranks) * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t notify_expert_begin() const {
-    return notify_channel_begin() + align_up(int64_t(num_ranks) * num_channels * 8, kRegionAlign);
+    return notify_channel_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t notify_signature_begin() const {
     return notify_expert_begin() + align_up(int64_t(num_ranks) * kMaxLocalExperts * 8, kRegionAlign);
@@ -113,10 +120,10 @@ struct BufferLayout {
     return notify_signature_begin() + align_up(int64_t(num_ranks) * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t head_begin() const {
-    return tail_begin() + align_up(int64_t(num_ranks) * num_channels * 8, kRegionAlign);
+    return tail_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t slots_begin() const {
-    return head_begin() + align_up(int64_t(num_ranks) * num_channels * 8, kRegionAlign);
+    return head_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t ring_bytes() const { return int64_t(num_slots) * slot_bytes; }
   EP_HOST_DEVICE int64_t total_bytes() const {
@@ -128,7 +135,7 @@ struct BufferLayout {
   EP_HOST_DEVICE int64_t finished_blocks_offset() const { return local_state_begin() + 8; }
   EP_HOST_DEVICE int64_t started_offset(int peer) const { return started_begin() + int64_t(peer) * 8; }
   EP_HOST_DEVICE int64_t notify_channel_offset(int src, int channel) const {
-    return notify_channel_begin() + (int64_t(src) * num_channels + channel) * 8;
+    return notify_channel_begin() + (int64_t(src) * kMaxChannels + channel) * 8;
   }
   EP_HOST_DEVICE int64_t notify_expert_offset(int src, int local_expert) const {
     return notify_expert_begin() + (int64_t(src) * kMaxLocalExperts + local_expert) * 8;
@@ -137,10 +144,10 @@ struct BufferLayout {
     return notify_signature_begin() + int64_t(src) * 8;
   }
   EP_HOST_DEVICE int64_t tail_offset(int writer, int channel) const {
-    return tail_begin() + (int64_t(writer) * num_channels + channel) * 8;
+    return tail_begin() + (int64_t(writer) * kMaxChannels + channel) * 8;
   }
   EP_HOST_DEVICE int64_t head_offset(int reader, int channel) const {
-    return head_begin() + (int64_t(reader) * num_channels + channel) * 8;
+    return head_begin() + (int64_t(reader) * kMaxChannels + channel) * 8;
   }
   EP_HOST_DEVICE int64_t ring_offset(int writer, int channel) const {
     return slots_begin() + (int64_t(writer) * num_channels + channel) * ring_bytes();
