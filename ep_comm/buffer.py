@@ -156,18 +156,32 @@ class Buffer:
     def get_root_rdma_rank(self, global_rank: bool) -> int:
         return self.rank % self.ctx.ranks_per_node if global_rank else 0
 
+    def check_errors(self) -> None:
+        """Raise RuntimeError if a kernel of this Buffer recorded an error (e.g. a timeout naming rank,
+        phase and peer). Kernels that never sync with the host (low-latency, cached or worst-case
+        dispatch, combine) surface their errors here or at the next call."""
+        for backend in {id(b): b for b in (self._normal, self._low_latency)}.values():
+            backend.check_errors()
+
     def destroy(self) -> None:
-        """Release communication buffers. Idempotent; the Buffer refuses calls afterwards."""
+        """Release communication buffers; call it on all ranks together (NVSHMEM frees are collective).
+        Idempotent; the Buffer refuses calls afterwards."""
+        self._release(include_collective=True)
+
+    def _release(self, include_collective: bool) -> None:
         if self._destroyed:
             return
         self._destroyed = True
         for backend in {id(b): b for b in (self._normal, self._low_latency, self._reference)}.values():
-            backend.destroy()
+            if include_collective or not backend.collective_destroy:
+                backend.destroy()
 
     def __del__(self) -> None:
+        # Garbage collection runs at different moments on different ranks, so it must not start a
+        # collective teardown: NVSHMEM-backed buffers wait for destroy() or for the bounded exit hook.
         try:
             if not self.explicitly_destroy:
-                self.destroy()
+                self._release(include_collective=False)
         except Exception:
             pass
 

@@ -7,7 +7,7 @@ which in turn is the oracle for the kernels.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 

@@ -7,7 +7,11 @@ by Buffer's backend; `state` carries whatever that backend needs to reuse a layo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import atexit
+import sys
+import threading
+import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -130,6 +134,9 @@ class Backend:
     """Base class; see the module docstring for the rules every backend follows."""
 
     name = "base"
+    # True where destroy() must run on all ranks together (NVSHMEM frees are collective): such a
+    # backend is destroyed only by an explicit Buffer.destroy() or, bounded, at exit; never by GC.
+    collective_destroy = False
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank int32[R], num_tokens_per_rdma_rank int32[nodes] | None,
@@ -157,5 +164,39 @@ class Backend:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         raise NotImplementedError
 
+    def check_errors(self) -> None:
+        """Raise RuntimeError for the first error a kernel recorded (timeouts name rank, phase, peer).
+        Reads host-mapped memory without synchronising."""
+
     def destroy(self) -> None:
+        pass
+
+
+def destroy_at_exit(backend: Backend, timeout_s: float) -> None:
+    """Destroy `backend` at interpreter exit, if it still lives, giving up after `timeout_s`.
+
+    Teardown of NVSHMEM buffers is collective: a peer that already exited (or crashed) would leave
+    it waiting forever. At exit the process is going away anyway, so a teardown that does not finish
+    in time is abandoned (its daemon thread dies with the process) instead of hanging the exit.
+    """
+    ref = weakref.ref(backend)
+
+    def run() -> None:
+        target = ref()
+        if target is None:
+            return
+        worker = threading.Thread(target=_destroy_quietly, args=(target,), daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            print(f"ep_comm: {type(target).__name__} teardown at exit did not finish in {timeout_s:.0f} s "
+                  "(a peer may have exited first); exiting without it", file=sys.stderr)
+
+    atexit.register(run)
+
+
+def _destroy_quietly(backend: Backend) -> None:
+    try:
+        backend.destroy()
+    except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to report to
         pass

@@ -25,9 +25,6 @@ undefined: destroy the Buffers on all ranks and create new ones.
 """
 from __future__ import annotations
 
-import atexit
-import os
-import weakref
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -35,11 +32,11 @@ import torch
 import torch.distributed as dist
 
 from ep_comm import _ext
-from ep_comm.backends.base import Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput
+from ep_comm.backends import nvshmem
+from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput,
+                                   destroy_at_exit)
 from ep_comm.config import Config
 
-_DEFAULT_SYMMETRIC_HEAP = 1 << 30    # NVSHMEM's own default (1 GiB)
-_HEAP_HEADROOM = 128 << 20           # NVSHMEM's internal allocations share the heap
 
 
 @dataclass
@@ -63,50 +60,11 @@ def _aligned16(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _destroy_at_exit(ref: "weakref.ReferenceType[InternodeBackend]") -> None:
-    backend = ref()
-    if backend is not None:
-        try:
-            backend.destroy()
-        except Exception:  # noqa: BLE001 - interpreter shutdown, best effort
-            pass
-
-
-def configure_nvshmem_environment(ctx: BackendContext, C) -> None:
-    """Defaults NVSHMEM reads at initialisation; a variable the user set always wins."""
-    if C.nvshmem_reference_count() > 0:
-        return  # already initialised in this process: its settings are fixed
-    env = os.environ
-    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-    if env.get("NVSHMEM_IB_ENABLE_IBGDA", "0").lower() in ("1", "true", "yes", "on"):
-        env.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(ctx.num_qps_per_rank))
-    # A Buffer in low-latency mode allocates a second buffer of num_rdma_bytes in the same heap.
-    copies = 2 if ctx.low_latency_mode else 1
-    needed = copies * ctx.num_rdma_bytes + _HEAP_HEADROOM
-    if needed > _DEFAULT_SYMMETRIC_HEAP:
-        env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str((needed + (2 << 20) - 1) // (2 << 20) * (2 << 20)))
-
-
-def acquire_nvshmem(ctx: BackendContext, C, device_index: int) -> None:
-    """Initialise NVSHMEM (rank 0's unique id, all-gathered over ctx.group) or share it.
-
-    Same protocol as the low-latency backend's, on the same process-wide reference count, so one
-    Buffer may hold both modes and either may come first.
-    """
-    initialized = C.nvshmem_reference_count() > 0
-    unique_id = C.nvshmem_get_unique_id() if ctx.rank == 0 and not initialized else None
-    gathered = [None] * ctx.num_ranks
-    dist.all_gather_object(gathered, (initialized, unique_id), group=ctx.group)
-    if len({bool(g[0]) for g in gathered}) > 1:
-        ready = [r for r, g in enumerate(gathered) if g[0]]
-        raise RuntimeError(f"ranks {ready} already initialised NVSHMEM and the others did not: create and destroy "
-                           "NVSHMEM Buffers in the same order on every rank")
-    root_id = gathered[0][1] if not initialized else b""
-    C.nvshmem_acquire(root_id or b"", ctx.rank, ctx.num_ranks, device_index)
 
 
 class InternodeBackend(Backend):
     name = "internode"
+    collective_destroy = True
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -129,8 +87,7 @@ class InternodeBackend(Backend):
         self._epoch = 0
         self._runtime = None
 
-        configure_nvshmem_environment(ctx, self._C)
-        acquire_nvshmem(ctx, self._C, self._device.index)
+        nvshmem.acquire(ctx, self._C, self._device.index)
         try:
             with torch.cuda.device(self._device):
                 self._runtime = self._C.InternodeRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
@@ -151,7 +108,7 @@ class InternodeBackend(Backend):
                                "(EP_COMM_RANKS_PER_NODE), and NVSHMEM's P2P transport must be enabled")
         # Peers write into this rank's buffer from their first call on: only after all zeroed theirs.
         dist.barrier(group=ctx.group)
-        atexit.register(_destroy_at_exit, weakref.ref(self))
+        destroy_at_exit(self, ctx.timeout_s)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _check(self) -> None:

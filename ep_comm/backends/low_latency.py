@@ -10,13 +10,10 @@ Rules it keeps so that calls can be captured in a CUDA graph and replayed:
   * every tensor a kernel touches is allocated with torch inside the call (a graph's private pool
     during capture) or is the symmetric buffer itself;
   * device errors (timeouts) are read from a host-mapped slot, never by synchronising: at the start
-    of every call, in every hook, and in ``check()``.
+    of every call, in every hook, and in ``check_errors()`` (``Buffer.check_errors()``).
 """
 from __future__ import annotations
 
-import atexit
-import os
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -24,13 +21,12 @@ import torch
 import torch.distributed as dist
 
 from ep_comm import _ext
+from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, LowLatencyCombineArgs, LowLatencyDispatchArgs,
-                                   LowLatencyDispatchOutput, LowLatencyHandle)
+                                   LowLatencyDispatchOutput, LowLatencyHandle, destroy_at_exit)
 
 _FP8_BLOCK = 128
 _UE8M0_BLOCK = 512
-_DEFAULT_SYMMETRIC_HEAP = 1 << 30    # NVSHMEM's own default (1 GiB)
-_HEAP_HEADROOM = 128 << 20           # NVSHMEM's internal allocations share the heap
 
 
 @dataclass
@@ -53,19 +49,13 @@ class _DeviceMemory:
                                          "version": 3, "strides": None}
 
 
-def _destroy_at_exit(ref: "weakref.ReferenceType[LowLatencyBackend]") -> None:
-    backend = ref()
-    if backend is not None:
-        try:
-            backend.destroy()
-        except Exception:  # interpreter shutdown: nothing sensible left to report to
-            pass
 
 
 class LowLatencyBackend(Backend):
     """Low-latency dispatch/combine for one Buffer (collective construction and destroy)."""
 
     name = "low_latency"
+    collective_destroy = True
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -86,8 +76,7 @@ class LowLatencyBackend(Backend):
         self._op_seq = 0
         self._pending_receives: set = set()
 
-        self._configure_nvshmem_environment()
-        self._acquire_nvshmem()
+        nvshmem.acquire(ctx, self._C, self.device.index)
         try:
             with torch.cuda.device(self.device):
                 self._runtime = self._C.LowLatencyRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
@@ -98,46 +87,9 @@ class LowLatencyBackend(Backend):
         # Peers write into this rank's buffer as soon as they run their first op: only after every
         # rank zeroed its buffer (the runtime's constructor synchronises) may anyone start.
         dist.barrier(group=ctx.group)
-        atexit.register(_destroy_at_exit, weakref.ref(self))
+        destroy_at_exit(self, ctx.timeout_s)
 
     # ---- NVSHMEM lifetime ------------------------------------------------------------------------
-    def _configure_nvshmem_environment(self) -> None:
-        """Defaults NVSHMEM reads at initialisation; a variable the user set always wins."""
-        env = os.environ
-        if self._C.nvshmem_reference_count() > 0:
-            return  # already initialised in this process: its settings are fixed
-        if not self.ctx.allow_nvlink_for_low_latency_mode:
-            # Send even NVLink peers through the network transport, as DeepEP does.
-            env.setdefault("NVSHMEM_DISABLE_P2P", "1")
-        # No multicast objects and no NVSHMEM collectives are used: skip NVLS set-up, and keep
-        # NVSHMEM from loading NCCL (which refuses several ranks per GPU and may clash with torch's).
-        env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-        env.setdefault("NVSHMEM_DISABLE_NCCL", "1")
-        if env.get("NVSHMEM_IB_ENABLE_IBGDA", "0").lower() in ("1", "true", "yes", "on"):
-            env.setdefault("NVSHMEM_IBGDA_NUM_RC_PER_PE", str(self.ctx.num_qps_per_rank))
-        # Reserve the whole buffer up front rather than rely on the heap growing later.
-        needed = self.ctx.num_rdma_bytes + _HEAP_HEADROOM
-        if needed > _DEFAULT_SYMMETRIC_HEAP:
-            env.setdefault("NVSHMEM_SYMMETRIC_SIZE", str((needed + (2 << 20) - 1) // (2 << 20) * (2 << 20)))
-
-    def _acquire_nvshmem(self) -> None:
-        """Initialise NVSHMEM (rank 0's unique id, all-gathered over ctx.group) or share it."""
-        ctx = self.ctx
-        initialized = self._C.nvshmem_reference_count() > 0
-        unique_id = self._C.nvshmem_get_unique_id() if ctx.rank == 0 and not initialized else None
-        gathered = [None] * ctx.num_ranks
-        dist.all_gather_object(gathered, (initialized, unique_id), group=ctx.group)
-        states = sorted({bool(g[0]) for g in gathered})
-        if len(states) > 1:
-            ready = [r for r, g in enumerate(gathered) if g[0]]
-            raise RuntimeError(f"ranks {ready} already initialised NVSHMEM and the others did not: create and "
-                               "destroy low-latency Buffers in the same order on every rank")
-        root_id = gathered[0][1] if not initialized else b""
-        # NVSHMEM numbers PEs once, at initialisation: a later Buffer may share it only over the
-        # same group (same members, same order), which the key identifies.
-        group_key = ",".join(str(r) for r in dist.get_process_group_ranks(ctx.group))
-        self._C.nvshmem_acquire(root_id or b"", ctx.rank, ctx.num_ranks, self.device.index, group_key)
-
     def destroy(self) -> None:
         """Collective (all ranks together) and idempotent: free the symmetric buffer and release NVSHMEM."""
         if self._destroyed:
@@ -152,7 +104,7 @@ class LowLatencyBackend(Backend):
         self._C.nvshmem_release()
 
     # ---- checks --------------------------------------------------------------------------------
-    def check(self) -> None:
+    def check_errors(self) -> None:
         """Raise RuntimeError for the first device error (e.g. a timeout naming rank and phase).
 
         Reads a host-mapped slot; it does not synchronise, so it sees errors of kernels that have
@@ -206,7 +158,7 @@ class LowLatencyBackend(Backend):
 
     # ---- dispatch ------------------------------------------------------------------------------
     def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchOutput:
-        self.check()
+        self.check_errors()
         ctx = self.ctx
         x = args.x.contiguous()
         topk_idx = args.topk_idx.contiguous()
@@ -250,7 +202,7 @@ class LowLatencyBackend(Backend):
             raise
 
         def receive() -> None:
-            self.check()
+            self.check_errors()
             self._end_op(seq)
             stream = self._stream_after(send_stream, [call_epoch, recv_x, recv_scales, recv_count, recv_layout,
                                                       stats])
@@ -270,7 +222,7 @@ class LowLatencyBackend(Backend):
 
     # ---- combine -------------------------------------------------------------------------------
     def low_latency_combine(self, args: LowLatencyCombineArgs):
-        self.check()
+        self.check_errors()
         handle = args.handle
         layout: _LowLatencyLayout = handle.state
         num_max_tokens, hidden, num_experts = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
@@ -298,7 +250,7 @@ class LowLatencyBackend(Backend):
             raise
 
         def receive() -> None:
-            self.check()
+            self.check_errors()
             self._end_op(seq)
             stream = self._stream_after(send_stream, [call_epoch, topk_idx, topk_weights, layout.token_slot,
                                                       layout.send_count, target])
