@@ -37,14 +37,22 @@ def _backend_choice(requested: Optional[str]) -> str:
     return choice
 
 
-def _ranks_per_node(group, num_ranks: int) -> int:
-    """NVLink domain size: EP_COMM_RANKS_PER_NODE, else the ranks sharing this host name."""
+def _agree_on_setup(group, num_ranks: int, settings: tuple) -> int:
+    """Check every rank made the same Buffer (sizes, mode, backend) and return the ranks per node:
+    EP_COMM_RANKS_PER_NODE, else the number of ranks sharing this host name. A peer with other
+    sizes would lay its buffer out differently and write past ours, so a mismatch is refused here."""
+    peers: List[Optional[tuple]] = [None] * num_ranks
+    dist.all_gather_object(peers, (socket.gethostname(), settings), group=group)
+    different = [r for r, (_, theirs) in enumerate(peers) if theirs != settings]
+    if different:
+        raise ValueError(f"every rank must create its Buffer with the same (num_nvl_bytes, num_rdma_bytes, "
+                         f"low_latency_mode, backend); this rank has {settings}, rank {different[0]} has "
+                         f"{peers[different[0]][1]}")
     declared = os.environ.get("EP_COMM_RANKS_PER_NODE")
     if declared:
         size = int(declared)
     else:
-        hosts: List[Optional[str]] = [None] * num_ranks
-        dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        hosts = [host for host, _ in peers]
         size = hosts.count(socket.gethostname())
         if any(hosts[i] != hosts[i - i % size] for i in range(num_ranks)):
             raise ValueError(f"ranks of one host must be contiguous and equal in number; got hosts {hosts}")
@@ -89,7 +97,9 @@ class Buffer:
         self.device = device
         self.ctx = BackendContext(
             group=self.group, rank=self.rank, num_ranks=self.group_size,
-            ranks_per_node=_ranks_per_node(self.group, self.group_size), device=device, buffer_id=self._id,
+            ranks_per_node=_agree_on_setup(self.group, self.group_size,
+                                           (num_nvl_bytes, num_rdma_bytes, bool(low_latency_mode), self.backend_kind)),
+            device=device, buffer_id=self._id,
             num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode,
             num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
             allow_mnnvl=allow_mnnvl, timeout_s=float(os.environ.get("EP_COMM_TIMEOUT_S", "100")))

@@ -224,6 +224,10 @@ def _check_bad_inputs(rank, world, seed):
         else:
             raises(RuntimeError, r"rank\(s\) \[0\] rejected", lambda: buffer.dispatch(inp.x, topk_idx=mine, **layout))
 
+    # Buffers that differ across ranks are refused on every rank.
+    if world > 1:
+        raises(ValueError, "same", lambda: ep_comm.Buffer(backend="reference", num_nvl_bytes=1024 * (rank == 0)))
+
     # After all that, the buffers still work.
     inputs = [make_inputs(seed, r, 8, HIDDEN, 2, num_experts) for r in range(world)]
     recv_x, *_ = buffer.dispatch(inp.x, topk_idx=inp.topk_idx, **layout)
