@@ -115,7 +115,7 @@ void register_internode(py::module_& m) {
       .def_property_readonly("destroyed", &InternodeRuntime::destroyed)
       .def_property_readonly("buffer_ptr", &InternodeRuntime::buffer_ptr)
       .def_property_readonly("num_bytes", &InternodeRuntime::num_bytes)
-      .def_property_readonly("timeout_cycles", &InternodeRuntime::timeout_cycles)
+      .def_property_readonly("timeout_ns", &InternodeRuntime::timeout_ns)
       .def("local_peers_mapped", &InternodeRuntime::local_peers_mapped)
       .def("has_error", &InternodeRuntime::has_error)
       .def("check_error", &InternodeRuntime::check_error)

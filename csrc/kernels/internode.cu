@@ -138,9 +138,9 @@ __device__ __forceinline__ void put_ring_range(uint8_t* staging, uint8_t* remote
 // Progress watchdog of one warp's polling loop.
 struct Watchdog {
   long long last;
-  __device__ __forceinline__ void progressed() { last = clock64(); }
-  __device__ __forceinline__ bool expired(long long timeout_cycles) const {
-    return spin_timed_out(last, timeout_cycles);
+  __device__ __forceinline__ void progressed() { last = global_timer_ns(); }
+  __device__ __forceinline__ bool expired(long long timeout_ns) const {
+    return spin_timed_out(last, timeout_ns);
   }
 };
 
@@ -177,9 +177,9 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
 
   for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
     const void* flag = cm.buffer + lay.notify_flag(parity, src);
-    const long long start = clock64();
+    const long long start = global_timer_ns();
     while (ld_acquire_u64(flag) < cm.epoch) {
-      if (spin_timed_out(start, cm.timeout_cycles)) {
+      if (spin_timed_out(start, cm.timeout_ns)) {
         report_timeout(cm.error_slot, cm.rank, kPhaseInternodeNotify, src, (long long)ld_acquire_u64(flag));
         break;
       }
@@ -320,7 +320,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_cycles)) {
+    } else if (watchdog.expired(cm.timeout_ns)) {
       int waiting = -1;
       for (int n = warp; n < N; n += kDispatchSendWarps)
         if (sh.send_next[n] <= te) { waiting = n * L + my_local; break; }
@@ -401,7 +401,7 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_cycles)) {
+    } else if (watchdog.expired(cm.timeout_ns)) {
       int waiting = -1;
       for (int m = warp; m < N; m += kDispatchForwardWarps)
         if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
@@ -477,7 +477,7 @@ __device__ void dispatch_receiver(const Common& cm, const DispatchArgs& a, Dispa
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_cycles)) {
+    } else if (watchdog.expired(cm.timeout_ns)) {
       int waiting = -1;
       for (int s = warp; s < R; s += kDispatchRecvWarps)
         if (!sh.recv_done[s]) { waiting = s; break; }
@@ -644,7 +644,7 @@ __device__ void combine_sender(const Common& cm, const CombineArgs& a, CombineSh
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_cycles)) {
+    } else if (watchdog.expired(cm.timeout_ns)) {
       int waiting = -1;
       for (int s = warp; s < R; s += kCombineSendWarps)
         if (!sh.send_done[s]) { waiting = (cm.rank / L) * L + s % L; break; }
@@ -759,7 +759,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_cycles)) {
+    } else if (watchdog.expired(cm.timeout_ns)) {
       int waiting = -1;
       for (int m = warp; m < N; m += kCombineForwardWarps)
         if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
@@ -806,9 +806,9 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
         if (hit[n]) {
           p = sh.recv_base[n];
           for (int w = 0; w < warp; ++w) p += sh.recv_hit[w * N + n];
-          const long long start = clock64();
+          const long long start = global_timer_ns();
           while (!*abort && int(ld_acquire_u64(cm.buffer + lay.rdma_tail(n, c))) <= p) {
-            if (spin_timed_out(start, cm.timeout_cycles)) {
+            if (spin_timed_out(start, cm.timeout_ns)) {
               report_timeout(cm.error_slot, cm.rank, kPhaseCombineRecv, n * L + my_local, t);
               *abort = 1;
             }

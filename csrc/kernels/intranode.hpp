@@ -44,7 +44,7 @@ struct Context {
   int num_ranks;
   void* buffers[kNumMaxRanks];  // NVLink buffer of every rank in this process's address space
   ErrorSlot* error_slot;        // device view of the host-mapped error slot
-  long long timeout_cycles;     // every spin-wait gives up after this many SM clock cycles
+  long long timeout_ns;     // every spin-wait gives up after this many global-timer nanoseconds
 };
 
 struct NotifyArgs {

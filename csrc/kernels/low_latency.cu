@@ -64,24 +64,15 @@ constexpr int kErrorCheckInterval = 256;  // spins between looks at the timer an
 // Waiting and signalling
 // ---------------------------------------------------------------------------------------------
 
-// Nanoseconds from the GPU's global timer. Used instead of clock64() because ranks sharing a GPU
-// without MPS are time-sliced: a preempted block may resume on another SM, whose cycle counter is
-// unrelated, while the global timer is one clock for the whole device.
-__device__ __forceinline__ uint64_t global_timer_ns() {
-  uint64_t ns;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-  return ns;
-}
-
 // Spin until *word >= target (acquire, system scope: NVSHMEM and P2P peers write these words).
 // On timeout, record (rank, phase, peer, detail) and return false; also give up early once any
 // thread recorded an error, so one failure does not cost every waiting thread a full timeout.
 __device__ __forceinline__ bool wait_at_least(const uint64_t* word, uint64_t target, const Common& c,
                                               int phase, int peer, long long detail) {
-  const uint64_t start = global_timer_ns();
+  const long long start = global_timer_ns();
   for (int spins = 0; ptx::ld_acquire_sys(word) < target; ++spins) {
     if (spins % kErrorCheckInterval == kErrorCheckInterval - 1) {
-      if (global_timer_ns() - start > c.timeout_ns) {
+      if (spin_timed_out(start, static_cast<long long>(c.timeout_ns))) {
         report_timeout(c.error_slot, c.rank, phase, peer, detail);
         return false;
       }

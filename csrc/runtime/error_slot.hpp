@@ -30,7 +30,7 @@ struct ErrorSlot {
 
 enum ErrorCode : int {
   kErrorNone = 0,
-  kErrorTimeout = 1,       // waited longer than timeout_cycles for a peer
+  kErrorTimeout = 1,       // waited longer than timeout_ns for a peer
   kErrorInvalidInput = 2,  // the kernel met a value it cannot handle (detail says which)
   kErrorWriting = -1,      // transient: a writer owns the slot and is filling it
 };
@@ -165,5 +165,12 @@ class ErrorSlotHost {
   ErrorSlot* host_ = nullptr;
   ErrorSlot* device_ = nullptr;
 };
+
+// Seconds -> the budget in global-timer nanoseconds that device waits compare against
+// (see kernels/common/timeout.cuh), clamped to [1 ns, ~292 years].
+inline long long timeout_ns_from_seconds(double timeout_s) {
+  const double ns = timeout_s * 1.0e9;
+  return ns < 1.0 ? 1 : (ns > 9.0e18 ? static_cast<long long>(9.0e18) : static_cast<long long>(ns));
+}
 
 }  // namespace ep_comm

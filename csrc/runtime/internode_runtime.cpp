@@ -26,10 +26,7 @@ InternodeRuntime::InternodeRuntime(int64_t num_bytes, int rank, int num_ranks, i
                  "initialise NVSHMEM (nvshmem_acquire) before creating an InternodeRuntime");
   nvshmem_runtime::acquire(std::string(), rank, num_ranks, device_);
   try {
-    int clock_khz = 0;
-    EP_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_));
-    const double cycles = timeout_s * static_cast<double>(clock_khz) * 1000.0;
-    timeout_cycles_ = cycles > 9.0e18 ? static_cast<long long>(9.0e18) : static_cast<long long>(cycles);
+    timeout_ns_ = timeout_ns_from_seconds(timeout_s);
     // Collective: every rank allocates the same size in the same order.
     buffer_ = static_cast<uint8_t*>(nvshmem_malloc(static_cast<size_t>(num_bytes)));
     EP_HOST_ASSERT(buffer_ != nullptr, "nvshmem_malloc of " + std::to_string(num_bytes) + " bytes failed on rank " +
@@ -96,7 +93,7 @@ internode::Layout InternodeRuntime::layout(int64_t hidden_bytes, int num_channel
 internode::Common InternodeRuntime::common(int64_t hidden_bytes, int num_channels, int ring_tokens,
                                            uint64_t epoch) const {
   internode::Common c{buffer_, layout(hidden_bytes, num_channels, ring_tokens), rank_, epoch,
-                      error_slot_.device_ptr(), timeout_cycles_};
+                      error_slot_.device_ptr(), timeout_ns_};
   return c;
 }
 

@@ -34,7 +34,7 @@ class InternodeRuntime {
 
   uintptr_t buffer_ptr() const { return reinterpret_cast<uintptr_t>(buffer_); }
   int64_t num_bytes() const { return num_bytes_; }
-  long long timeout_cycles() const { return timeout_cycles_; }
+  long long timeout_ns() const { return timeout_ns_; }
   // Whether every same-node peer's buffer is mapped here (the NVLink leg needs it).
   bool local_peers_mapped() const;
 
@@ -63,7 +63,7 @@ class InternodeRuntime {
   int rank_ = 0;
   int num_ranks_ = 0;
   int ranks_per_node_ = 0;
-  long long timeout_cycles_ = 0;
+  long long timeout_ns_ = 0;
 };
 
 }  // namespace ep_comm

@@ -40,7 +40,6 @@ IpcBuffer::IpcBuffer(int rank, int num_ranks, int device, int64_t num_bytes)
   EP_HOST_ASSERT(rank >= 0 && rank < num_ranks, "rank " + std::to_string(rank) + " out of range");
   EP_HOST_ASSERT(num_bytes > 0, "num_nvl_bytes must be positive");
   EP_CUDA_CHECK(cudaSetDevice(device));
-  EP_CUDA_CHECK(cudaDeviceGetAttribute(&clock_rate_khz_, cudaDevAttrClockRate, device));
   try {
     error_slot_ = std::make_unique<ErrorSlotHost>();
     EP_CUDA_CHECK(cudaMalloc(&local_, static_cast<size_t>(num_bytes)));
@@ -106,8 +105,7 @@ intranode::Context IpcBuffer::context(double timeout_s) const {
   ctx.num_ranks = num_ranks_;
   for (int r = 0; r < intranode::kNumMaxRanks; ++r) ctx.buffers[r] = r < num_ranks_ ? peers_[r] : nullptr;
   ctx.error_slot = error_slot_->device_ptr();
-  const double cycles = timeout_s * static_cast<double>(clock_rate_khz_) * 1000.0;
-  ctx.timeout_cycles = cycles < 1.0 ? 1 : (cycles > 9.0e18 ? static_cast<long long>(9.0e18) : static_cast<long long>(cycles));
+  ctx.timeout_ns = timeout_ns_from_seconds(timeout_s);
   return ctx;
 }
 

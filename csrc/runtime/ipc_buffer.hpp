@@ -44,7 +44,7 @@ class IpcBuffer {
   // handles[r] is what rank r's ipc_handle() returned; handles[rank()] is ignored.
   void open_peers(const std::vector<std::string>& handles);
 
-  // Kernel view; timeout_s is converted to SM cycles with the device's clock rate.
+  // Kernel view; timeout_s becomes a budget in global-timer nanoseconds.
   intranode::Context context(double timeout_s) const;
 
   // Makes this buffer's device current for our CUDA runtime (torch's current device is not ours).
@@ -72,7 +72,6 @@ class IpcBuffer {
   int num_ranks_;
   int device_;
   int64_t num_bytes_;
-  int clock_rate_khz_ = 0;
   void* local_ = nullptr;
   std::vector<void*> peers_;  // peers_[r]: rank r's buffer mapped here (local_ for r == rank)
   intranode::RecvCounters* counters_host_ = nullptr;

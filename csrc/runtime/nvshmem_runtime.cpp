@@ -148,8 +148,7 @@ LowLatencyRuntime::LowLatencyRuntime(int64_t num_bytes, int rank, int num_ranks,
   nvshmem_runtime::add_reference();
   try {
     EP_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms_, cudaDevAttrMultiProcessorCount, device_));
-    const double ns = timeout_s * 1.0e9;
-    timeout_ns_ = ns > 9.0e18 ? static_cast<uint64_t>(9.0e18) : static_cast<uint64_t>(ns);
+    timeout_ns_ = static_cast<uint64_t>(timeout_ns_from_seconds(timeout_s));
 
     EP_CUDA_CHECK(cudaMalloc(&state_, sizeof(low_latency::DeviceState)));
     EP_CUDA_CHECK(cudaMemset(state_, 0, sizeof(low_latency::DeviceState)));

@@ -20,7 +20,7 @@ struct Common {
   int rank;
   uint64_t epoch;           // call number, the same on every rank; tags and flags carry it
   ErrorSlot* error_slot;    // host-mapped
-  long long timeout_cycles;
+  long long timeout_ns;
 };
 
 // Exchange of counts (and a barrier: every rank waits for every rank's row of this epoch).

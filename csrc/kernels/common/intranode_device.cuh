@@ -63,11 +63,11 @@ constexpr int kErrorPollInterval = 4096;
 __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, uint64_t epoch,
                                                         uint32_t target, const Context& ctx,
                                                         int phase, int peer) {
-  const long long start = clock64();
+  const long long start = global_timer_ns();
   for (int iter = 1;; ++iter) {
     const uint64_t value = ptx::ld_acquire_sys(reinterpret_cast<const unsigned long long*>(word));
     if (tag_matches(value, epoch) && uint32_t(value) >= target) return int64_t(uint32_t(value));
-    if (spin_timed_out(start, ctx.timeout_cycles)) {
+    if (spin_timed_out(start, ctx.timeout_ns)) {
       report_timeout(ctx.error_slot, ctx.rank, phase, peer, target);
       return -1;
     }
@@ -107,9 +107,9 @@ __device__ __forceinline__ bool start_rendezvous(const Context& ctx, const Buffe
     ptx::st_release_sys(at<unsigned long long>(ctx.buffers[peer], layout.started_offset(ctx.rank)),
                         static_cast<unsigned long long>(epoch));
     const auto* started = at<unsigned long long>(ctx.buffers[ctx.rank], layout.started_offset(peer));
-    const long long start = clock64();
+    const long long start = global_timer_ns();
     for (int iter = 1; ptx::ld_acquire_sys(started) < epoch; ++iter) {
-      if (spin_timed_out(start, ctx.timeout_cycles)) {
+      if (spin_timed_out(start, ctx.timeout_ns)) {
         report_timeout(ctx.error_slot, ctx.rank, kPhaseBarrier, peer, static_cast<long long>(epoch));
         failed = true;
         break;

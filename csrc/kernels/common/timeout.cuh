@@ -3,9 +3,9 @@
 // so the kernel ends, the host reads the error slot and raises a readable Python error.
 // No __trap(): a trap poisons the CUDA context and the process must die.
 //
-//   const long long start = clock64();
+//   const long long start = global_timer_ns();
 //   while (ld_acquire_sys(flag) < expected) {
-//     if (spin_timed_out(start, timeout_cycles)) {
+//     if (spin_timed_out(start, timeout_ns)) {
 //       report_timeout(error_slot, rank, kPhaseDispatchRecv, src_rank, expected);
 //       break;  // and skip work that needs the data
 //     }
@@ -17,12 +17,22 @@
 
 namespace ep_comm {
 
-// ~100 s at 2 GHz: longer than any legitimate wait, short enough that a hang surfaces.
-constexpr long long kDefaultTimeoutCycles = 200LL * 1000 * 1000 * 1000;
+// 100 s: longer than any legitimate wait, short enough that a hang surfaces.
+constexpr long long kDefaultTimeoutNs = 100LL * 1000 * 1000 * 1000;
 
-__device__ __forceinline__ bool spin_timed_out(long long start_cycles, long long timeout_cycles) {
-  return clock64() - start_cycles > timeout_cycles;
+// Nanoseconds from the GPU's global timer, one clock for the whole device. Not clock64(): ranks
+// sharing a GPU without MPS are time-sliced, and a preempted block may resume on another SM whose
+// cycle counter is unrelated, which would fake or hide a timeout.
+__device__ __forceinline__ long long global_timer_ns() {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return static_cast<long long>(ns);
 }
+
+__device__ __forceinline__ bool spin_timed_out(long long start_ns, long long timeout_ns) {
+  return global_timer_ns() - start_ns > timeout_ns;
+}
+
 
 // Records the first error in the slot; later reports (other threads, other blocks) are
 // dropped. Returns whether this call's report was the one recorded.
