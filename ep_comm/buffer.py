@@ -235,8 +235,6 @@ class Buffer:
     def _launch(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap], async_finish: bool,
                 allocate_on_comm_stream: bool, on_gpu: bool):
         """Run `fn` on the communication stream (DeepEP's overlap semantics); CPU calls run inline."""
-        if allocate_on_comm_stream and not (previous_event is not None and async_finish):
-            raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True")
         if not on_gpu or self._comm_stream is None:
             result = fn()
             return result, EventOverlap(None)
@@ -277,6 +275,7 @@ class Buffer:
         self._check_alive()
 
         def check() -> None:
+            v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             v.check_num_experts(num_experts, self.group_size)
             v.check_topk_idx(topk_idx, num_experts, device=self._device_of(backend))
         check()  # local only, so no agreement is needed
@@ -304,6 +303,7 @@ class Buffer:
         cached = handle is not None
 
         def check() -> DispatchArgs:
+            v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             device = self._device_of(backend)
             payload, scales = v.split_x(x, device)
             device = payload.device
@@ -363,6 +363,7 @@ class Buffer:
         backend = self._normal
 
         def check():
+            v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             device = self._device_of(backend)
             self._check_handle(handle, DispatchHandle)
             v.check_tensor("x", x, torch.bfloat16, shape=[handle.num_recv_rows, None], device=device)

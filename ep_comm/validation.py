@@ -132,3 +132,10 @@ def check_bias(bias, num_tokens: int, hidden: int, device: Optional[torch.device
     for i, b in enumerate(items):
         check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=[num_tokens, hidden], device=device)
     return items
+
+
+def check_overlap_args(previous_event, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+    """DeepEP's rule: outputs may live on the communication stream only when the caller orders
+    that stream explicitly (previous_event) and waits for the result explicitly (async_finish)."""
+    if allocate_on_comm_stream and not (previous_event is not None and async_finish):
+        raise ValueError("allocate_on_comm_stream=True needs previous_event and async_finish=True")

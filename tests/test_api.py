@@ -1,0 +1,86 @@
+"""Single-process checks of the API surface: configs, size hints, events, backend choice, the
+async/event arguments on CPU. Multi-rank behaviour lives in test_reference.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ep_comm
+from ep_comm import Buffer, Config, EventOverlap
+from ep_comm.buffer import _backend_choice
+from dist import run_ranks
+from ep_comm.testing import expected_dispatch, make_inputs
+
+
+def test_config_validation_and_hints():
+    with pytest.raises(ValueError, match="even"):
+        Config(num_sms=3)
+    with pytest.raises(ValueError, match="chunked"):
+        Config(20, 8, 8)
+    config = Buffer.get_dispatch_config(8)
+    assert isinstance(config, Config) and config.num_sms == Buffer.num_sms
+    small = config.get_nvl_buffer_size_hint(1024, 8)
+    large = config.get_nvl_buffer_size_hint(14336, 8)
+    assert 0 < small < large
+    assert Buffer.get_low_latency_rdma_size_hint(64, 1024, 4, 16) < Buffer.get_low_latency_rdma_size_hint(128, 1024, 4, 16)
+
+
+def test_set_num_sms():
+    before = Buffer.num_sms
+    try:
+        Buffer.set_num_sms(24)
+        assert Buffer.get_combine_config(4).num_sms == 24
+        for bad in (0, 7, -2, 2.0):
+            with pytest.raises(ValueError):
+                Buffer.set_num_sms(bad)
+    finally:
+        Buffer.num_sms = before
+
+
+def test_events_without_cuda():
+    event = Buffer.capture()
+    assert isinstance(event, EventOverlap)
+    with event as same:
+        assert same is event
+    event.current_stream_wait()
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.delenv("EP_COMM_BACKEND", raising=False)
+    assert _backend_choice("reference") == "reference"
+    with pytest.raises(ValueError, match="backend must be"):
+        _backend_choice("nccl")
+    if not (ep_comm._ext.gpu_available() and torch.cuda.is_available()):
+        assert _backend_choice(None) == "reference"
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _backend_choice("kernels")
+        monkeypatch.setenv("EP_COMM_BACKEND", "kernels")
+        with pytest.raises(RuntimeError, match="unavailable"):
+            _backend_choice(None)
+
+
+def _async_body(rank, world, group):
+    buffer = Buffer(group)
+    inputs = [make_inputs(5, r, 6, 256, 2, 2 * world) for r in range(world)]
+    mine = inputs[rank]
+    previous = Buffer.capture()
+    per_rank, _, per_expert, in_rank, event = buffer.get_dispatch_layout(
+        mine.topk_idx, 2 * world, previous_event=previous, async_finish=True, allocate_on_comm_stream=True)
+    assert isinstance(event, EventOverlap)
+    recv_x, _, _, _, handle, event = buffer.dispatch(
+        mine.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+        topk_idx=mine.topk_idx, previous_event=event, async_finish=True)
+    event.current_stream_wait()
+    assert torch.equal(recv_x, expected_dispatch(inputs, rank, 2 * world).recv_x)
+    with pytest.raises(ValueError, match="allocate_on_comm_stream"):
+        buffer.combine(recv_x, handle, allocate_on_comm_stream=True)
+    combined, _, event = buffer.combine(recv_x, handle, async_finish=True)
+    with event:
+        assert combined.shape == mine.x.shape
+    buffer.destroy()
+    with pytest.raises(RuntimeError, match="destroyed"):
+        buffer.combine(recv_x, handle)
+
+
+def test_async_arguments_on_cpu():
+    run_ranks(_async_body, 2)
