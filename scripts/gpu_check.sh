@@ -36,6 +36,16 @@ step import python -c "import ep_comm._C as c; print(c.build_info(), 'devices:',
 
 step gpu-tests python -m pytest -v tests/gpu
 
+# One small case of each kernel family under compute-sanitizer (ranks are spawned processes).
+if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ]; then
+  for tool in memcheck racecheck synccheck; do
+    step "sanitizer-$tool" compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 1 \
+      python -m pytest -x -q tests/gpu/test_intranode.py::test_intranode_matches_reference[2] \
+      "tests/gpu/test_low_latency.py::test_low_latency_against_reference[2]" \
+      "tests/gpu/test_internode.py::test_internode_matches_reference[4-2]"
+  done
+fi
+
 if [ -f ep_comm/bench/__main__.py ]; then
   step bench python -m ep_comm.bench
 else
