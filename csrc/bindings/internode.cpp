@@ -130,8 +130,10 @@ void register_internode(py::module_& m) {
           "notify",
           [](InternodeRuntime& rt, int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
              int row_ints, uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert, int num_tokens,
-             int num_local_experts, uintptr_t rank_matrix, uintptr_t recv_info, uintptr_t stream) {
+             int num_local_experts, uintptr_t rank_matrix, uintptr_t recv_info, uintptr_t stream,
+             uint32_t signature) {
             in::NotifyArgs a{};
+            a.signature = signature;
             a.row_ints = row_ints;
             a.num_tokens_per_rank = as_ptr<const int>(num_tokens_per_rank);
             a.num_tokens_per_expert = as_ptr<const int>(num_tokens_per_expert);
@@ -143,7 +145,10 @@ void register_internode(py::module_& m) {
           },
           py::arg("hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"), py::arg("epoch"),
           py::arg("row_ints"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_expert"), py::arg("num_tokens"),
-          py::arg("num_local_experts"), py::arg("rank_matrix"), py::arg("recv_info"), py::arg("stream"))
+          py::arg("num_local_experts"), py::arg("rank_matrix"), py::arg("recv_info"), py::arg("stream"),
+          py::arg("signature") = 0u,
+          "Count exchange and barrier; `signature` (uint32) digests the call's layout and must match on "
+          "every rank, or every rank records an invalid-input error in notify.")
       .def(
           "dispatch",
           [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens, uint64_t epoch,
@@ -192,8 +197,9 @@ void register_internode(py::module_& m) {
           "combine",
           [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens, uint64_t epoch,
              uintptr_t x, uintptr_t topk_weights, int num_topk, int hidden, uintptr_t rank_matrix,
-             uintptr_t recv_src_token, uintptr_t is_token_in_rank, int num_tokens, uintptr_t bias0, uintptr_t bias1,
-             uintptr_t out, uintptr_t out_weights, int rdma_chunk, int nvl_chunk, uintptr_t stream) {
+             uintptr_t recv_src_token, int num_recv_rows, uintptr_t is_token_in_rank, int num_tokens,
+             uintptr_t bias0, uintptr_t bias1, uintptr_t out, uintptr_t out_weights, int rdma_chunk, int nvl_chunk,
+             uintptr_t stream) {
             in::CombineArgs a{};
             a.x = as_ptr<const void>(x);
             a.topk_weights = as_ptr<const float>(topk_weights);
@@ -201,6 +207,7 @@ void register_internode(py::module_& m) {
             a.hidden = hidden;
             a.rank_matrix = as_ptr<const int>(rank_matrix);
             a.recv_src_token = as_ptr<const int>(recv_src_token);
+            a.num_recv_rows = num_recv_rows;
             a.is_token_in_rank = as_ptr<const bool>(is_token_in_rank);
             a.num_tokens = num_tokens;
             a.bias0 = as_ptr<const void>(bias0);
@@ -218,7 +225,8 @@ void register_internode(py::module_& m) {
           },
           py::arg("layout_hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"), py::arg("epoch"),
           py::arg("x"), py::arg("topk_weights"), py::arg("num_topk"), py::arg("hidden"), py::arg("rank_matrix"),
-          py::arg("recv_src_token"), py::arg("is_token_in_rank"), py::arg("num_tokens"), py::arg("bias0"),
+          py::arg("recv_src_token"), py::arg("num_recv_rows"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
+          py::arg("bias0"),
           py::arg("bias1"), py::arg("out"), py::arg("out_weights"), py::arg("rdma_chunk"), py::arg("nvl_chunk"),
           py::arg("stream"));
 }

@@ -123,16 +123,31 @@ __device__ __forceinline__ void warp_copy_from_ring(void* dst, const void* src, 
 // the peer's ring at the same offsets, adding the number of slots to the peer's tail word with each
 // piece. Whole warp.
 __device__ __forceinline__ void put_ring_range(uint8_t* staging, uint8_t* remote, int64_t slot_bytes, int capacity,
-                                               int first, int count, uint64_t* remote_tail, int pe) {
+                                               int first, int count, uint64_t* remote_tail, int pe, int lane) {
   int begin = first % capacity;
   while (count > 0) {
     const int piece = count < capacity - begin ? count : capacity - begin;
+    // The tail is an ADD counter: a reader that sees tail >= k reads every slot below k. NVSHMEM
+    // delivers a put's data before ITS OWN signal only; the signal of a later put may land before
+    // the data of an earlier one (unordered transports: libfabric/EFA, proxies without ordered
+    // ops), and the reader would take undelivered slots. nvshmem_fence orders delivery to one PE
+    // (a no-op on ordered transports). One writer warp per tail, so this warp's puts are all there is.
+    if (lane == 0) nvshmem_fence();
+    __syncwarp();
     nvshmemx_putmem_signal_nbi_warp(remote + int64_t(begin) * slot_bytes, staging + int64_t(begin) * slot_bytes,
                                     size_t(piece) * size_t(slot_bytes), remote_tail, uint64_t(piece),
                                     NVSHMEM_SIGNAL_ADD, pe);
     count -= piece;
     begin = 0;
   }
+}
+
+// An error recorded before this kernel started (a notify timeout or layout mismatch, more rows than
+// num_worst_tokens in an earlier dispatch whose combine is queued without a host check, ...) means
+// the counts this kernel would trust are garbage: e.g. combine would read x and recv_src_token past
+// their rows. Block-uniform; peers waiting on this rank time out and report.
+__device__ __forceinline__ bool earlier_error(const ErrorSlot* slot) {
+  return __syncthreads_or(threadIdx.x == 0 && error_reported(slot)) != 0;
 }
 
 // Progress watchdog of one warp's polling loop.
@@ -165,28 +180,51 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
   ptx::fence_acq_rel_sys();  // the staged rows are read by the put (or the NIC)
   __syncthreads();
 
+  // The flag carries tag(epoch, signature of the call's layout): ranks that disagree on it (another
+  // channel count, ring size, hidden, top-k, scales or call kind) would put into each other's rings
+  // at different offsets, so the mismatch is reported here, before any ring is touched.
+  const uint32_t epoch32 = uint32_t(cm.epoch);
+  const uint64_t flag_word = make_tag(epoch32, a.signature);
   uint64_t* my_flag = reinterpret_cast<uint64_t*>(cm.buffer + lay.notify_flag(parity, cm.rank));
   for (int dst = threadIdx.x; dst < num_ranks; dst += blockDim.x) {
     if (ints > 0) {
       nvshmem_putmem_signal_nbi(cm.buffer + lay.notify_recv(parity, cm.rank), cm.buffer + lay.notify_send(dst),
-                                size_t(ints) * 4, my_flag, cm.epoch, NVSHMEM_SIGNAL_SET, dst);
+                                size_t(ints) * 4, my_flag, flag_word, NVSHMEM_SIGNAL_SET, dst);
     } else {
-      nvshmemx_signal_op(my_flag, cm.epoch, NVSHMEM_SIGNAL_SET, dst);
+      nvshmemx_signal_op(my_flag, flag_word, NVSHMEM_SIGNAL_SET, dst);
     }
   }
 
-  for (int src = threadIdx.x; src < num_ranks; src += blockDim.x) {
+  // A flag of this parity holds this epoch or the one two calls back (a peer cannot be two calls
+  // ahead: it would need my flag of the call in between), so wait for the exact epoch.
+  bool failed = false;
+  for (int src = threadIdx.x; src < num_ranks && !failed; src += blockDim.x) {
     const void* flag = cm.buffer + lay.notify_flag(parity, src);
     const long long start = global_timer_ns();
-    while (ld_acquire_u64(flag) < cm.epoch) {
+    uint64_t word = ld_acquire_u64(flag);
+    while (tag_epoch(word) != epoch32) {
       if (spin_timed_out(start, cm.timeout_ns)) {
-        report_timeout(cm.error_slot, cm.rank, kPhaseInternodeNotify, src, (long long)ld_acquire_u64(flag));
+        report_timeout(cm.error_slot, cm.rank, kPhaseInternodeNotify, src, (long long)word);
+        failed = true;
         break;
       }
-      if (error_reported(cm.error_slot)) break;
+      if (error_reported(cm.error_slot)) {
+        failed = true;
+        break;
+      }
+      word = ld_acquire_u64(flag);
+    }
+    if (!failed && tag_value(word) != a.signature) {
+      report_error(cm.error_slot, kErrorInvalidInput, cm.rank, kPhaseInternodeNotify, src, tag_value(word));
+      failed = true;
     }
   }
-  __syncthreads();
+  // On failure the rows are not all there: leave the outputs alone (the host raises the error; the
+  // dispatch/combine kernel queued next sees it and does nothing).
+  if (__syncthreads_or(failed)) {
+    nvshmem_quiet();
+    return;
+  }
 
   if (ints > 0 && a.rank_matrix != nullptr) {
     for (int i = threadIdx.x; i < num_ranks * (num_ranks + 1); i += blockDim.x) {
@@ -302,7 +340,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
         __syncwarp();
         put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), slot_bytes, capacity, batch_begin,
                        sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)),
-                       forwarder);
+                       forwarder, lane);
       }
       if (t != sh.send_next[n]) progressed = true;
       if (t == te) {
@@ -492,6 +530,7 @@ __device__ void dispatch_receiver(const Common& cm, const DispatchArgs& a, Dispa
 __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchForwardWarps + kDispatchRecvWarps) * 32, 1)
 dispatch_kernel(Common cm, DispatchArgs a) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
+  if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node;
   DispatchShared sh = dispatch_smem(smem_raw, R, L);
@@ -597,8 +636,13 @@ __device__ void combine_sender(const Common& cm, const CombineArgs& a, CombineSh
     const int count = a.rank_matrix[s * (R + 1) + cm.rank];
     int tb, te;
     channel_token_range(a.rank_matrix[s * (R + 1) + R], C, c, tb, te);
-    const int first = lower_bound_token(a.recv_src_token, prefix, prefix + count, tb);
-    const int last = lower_bound_token(a.recv_src_token, first, prefix + count, te);
+    // Rows of s are [prefix, prefix + count) of x and recv_src_token: never index past num_recv_rows,
+    // whatever the saved matrix says (an overflowing num_worst_tokens dispatch already reported).
+    const bool bad = count < 0 || prefix < 0 || prefix + count > a.num_recv_rows;
+    if (bad && lane == 0)
+      report_error(cm.error_slot, kErrorInvalidInput, cm.rank, kPhaseCombineSend, s, (long long)prefix + count);
+    const int first = bad ? 0 : lower_bound_token(a.recv_src_token, prefix, prefix + count, tb);
+    const int last = bad ? 0 : lower_bound_token(a.recv_src_token, first, prefix + count, te);
     if (lane == 0) sh.send_next[s] = first, sh.send_end[s] = last, sh.send_count[s] = 0, sh.send_head[s] = 0,
                    sh.send_done[s] = 0;
   }
@@ -741,7 +785,8 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
         ptx::fence_acq_rel_sys();
         __syncwarp();
         put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), rdma_slot_bytes, rdma_capacity, batch_begin,
-                       sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)), source);
+                       sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)), source,
+                       lane);
         progressed = true;
       }
       // Hand consumed NVL slots back to their writers.
@@ -891,6 +936,7 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
 __global__ void __launch_bounds__((kCombineSendWarps + kCombineForwardWarps + kCombineRecvWarps) * 32, 1)
 combine_kernel(Common cm, CombineArgs a) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
+  if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node;
   CombineShared sh = combine_smem(smem_raw, R, L);

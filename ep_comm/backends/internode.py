@@ -25,6 +25,7 @@ undefined: destroy the Buffers on all ranks and create new ones.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -58,6 +59,12 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _signature(*fields) -> int:
+    """uint32 digest of what every rank must agree on in one call (ring layout, slot shape, call
+    kind); the notify kernel compares it across ranks before any ring is touched."""
+    return zlib.crc32(repr(fields).encode())
 
 
 
@@ -181,7 +188,7 @@ class InternodeBackend(Backend):
         num_ranks = self.ctx.num_ranks
         stream = self._stream()
         cached = args.handle is not None
-        x = args.x.contiguous()
+        x = _aligned16(args.x)  # rows move as 16-byte vectors: the base must be aligned too
         num_tokens, hidden = x.shape
         hidden_bytes = hidden * x.element_size()
         if hidden_bytes % 16 != 0:
@@ -204,8 +211,10 @@ class InternodeBackend(Backend):
             num_local_experts = 0
             num_rows = handle.num_recv_rows
             num_worst = handle.num_worst_tokens
+            signature = _signature("cached-dispatch", hidden, hidden_bytes, num_scales, num_channels, ring_tokens)
             epoch = self._next_epoch()
-            self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream)
+            self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream,
+                                 signature)
             recv_src_token = torch.empty(max(num_rows, 1), dtype=torch.int32, device=self._device)
         else:
             num_channels = args.config.num_channels
@@ -227,10 +236,12 @@ class InternodeBackend(Backend):
             rank_matrix = torch.empty(num_ranks, num_ranks + 1, dtype=torch.int32, device=self._device)
             recv_info = torch.empty(1 + num_local_experts, dtype=torch.int32, device=self._device)
             cumsum = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
+            signature = _signature("dispatch", hidden, hidden_bytes, num_scales, num_topk, num_local_experts,
+                                   num_channels, ring_tokens)
             epoch = self._next_epoch()
             self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, num_ranks + 1 + num_local_experts,
                                  _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), num_tokens, num_local_experts,
-                                 _ptr(rank_matrix), _ptr(recv_info), stream)
+                                 _ptr(rank_matrix), _ptr(recv_info), stream, signature)
             if num_worst == 0:
                 info = recv_info.cpu().tolist()  # the host sync of this mode (bounded by the device timeout)
                 self._check()
@@ -298,11 +309,13 @@ class InternodeBackend(Backend):
         combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self._device)
                             if weights is not None else None)
         stream = self._stream()
+        signature = _signature("combine", hidden, num_topk, num_channels, ring_tokens)
         epoch = self._next_epoch()
-        self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream)
+        self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream,
+                             signature)
         self._runtime.combine(hidden * 2, num_channels, ring_tokens, epoch, _ptr(x), _ptr(weights), num_topk, hidden,
-                              _ptr(state.rank_matrix), _ptr(state.recv_src_token), _ptr(state.is_token_in_rank),
-                              num_tokens, _ptr(bias0), _ptr(bias1), _ptr(combined_x), _ptr(combined_weights),
+                              _ptr(state.rank_matrix), _ptr(state.recv_src_token), handle.num_recv_rows,
+                              _ptr(state.is_token_in_rank), num_tokens, _ptr(bias0), _ptr(bias1), _ptr(combined_x), _ptr(combined_weights),
                               config.num_max_rdma_chunked_send_tokens, config.num_max_nvl_chunked_send_tokens, stream)
         return combined_x, combined_weights
 

@@ -32,6 +32,7 @@ struct NotifyArgs {
   int num_local_experts;
   int* rank_matrix;                  // out [R][R + 1]: row s = s's counts per destination, then N_s
   int* recv_info;                    // out [1 + E_local]: rows this rank receives, then per local expert
+  uint32_t signature;                // digest of the call's layout; every rank must pass the same
 };
 
 struct DispatchArgs {
@@ -65,6 +66,7 @@ struct CombineArgs {
   int hidden;
   const int* rank_matrix;            // [R][R + 1] saved by dispatch
   const int* recv_src_token;         // [num_recv_rows] saved by dispatch
+  int num_recv_rows;                 // rows of x and recv_src_token (bounds the rows rank_matrix names)
   const bool* is_token_in_rank;      // [N, R] of this rank's dispatch
   int num_tokens;
   const void* bias0;                 // bf16 [N, hidden] or null

@@ -7,7 +7,7 @@
 // Names: R ranks = N nodes x L local ranks; rank r = node * L + local. C channels (one block each).
 // Every rank holds the same layout (symmetric heap), so a local offset is also the peer's offset.
 //
-//   notify_flag  u64 [2 parity][R src]            epoch of src's latest notify row   (SET by src)
+//   notify_flag  u64 [2 parity][R src]            tag(epoch, call signature) of src's latest notify (SET by src)
 //   notify_send  i32 [R dst][notify_ints]         my row for dst, staged for the put
 //   notify_recv  i32 [2 parity][R src][notify_ints] src's row: [R counts][N_src][E_local counts]
 //   rdma_tail    u64 [N][kMaxChannels]            tokens delivered into rdma_recv[n][c] (ADD by the
