@@ -115,6 +115,8 @@ void register_low_latency(py::module_& m) {
       .def("peer_is_p2p", &LowLatencyRuntime::peer_is_p2p, py::arg("peer"))
       .def("has_error", &LowLatencyRuntime::has_error)
       .def("check_error", &LowLatencyRuntime::check_error)
+      .def("quiet", &LowLatencyRuntime::quiet, py::call_guard<py::gil_scoped_release>(),
+           "Wait for the device, then complete this rank's outstanding NVSHMEM operations (acks).")
       .def("clean", &LowLatencyRuntime::clean, py::arg("num_max_tokens"), py::arg("hidden"), py::arg("num_experts"),
            py::call_guard<py::gil_scoped_release>())
       .def(

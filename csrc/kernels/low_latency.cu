@@ -11,11 +11,16 @@
 //            agree on n without talking. Parity on the device (not on the host, as a launch
 //            argument) keeps a replayed CUDA graph on the right half whatever ran before it.
 //   credit   Before writing into half h of any peer, op n's send kernel waits until every peer
-//            acknowledged op n-2 (the previous user of half h): ack[h][p] >= n-2 in its own
-//            buffer. A receive kernel writes that ack into every peer once it has consumed its
-//            half. So a fast rank can never overwrite a slow rank's half, even with two ops in
-//            flight (receive hooks); a third op in flight waits (and times out with a clear phase
-//            if the user never calls the first hook).
+//            acknowledged op n-2 (the previous user of half h). ack[h][p] in the sender's buffer
+//            counts the ops on half h that peer p finished receiving: a receive kernel ADDs 1 to
+//            it in every peer once it has consumed its half. Op n is the ((n+1)/2)-th op on its
+//            half, so op n waits for ack[h][p] >= (n-1)/2. (An ADD, not a SET of the epoch: acks
+//            are not quieted, and two acks of one rank to one peer from different kernels may
+//            land out of order (different QPs); a SET could then leave the older epoch behind
+//            and hang the peer's next-but-one op. Adds commute.) So a fast rank can never
+//            overwrite a slow rank's half, even with two ops in flight (receive hooks); a third
+//            op in flight waits (and times out with a clear phase if the user never calls the
+//            first hook).
 //   dispatch A source writes each (token, k) row into slot `slot` of [local expert][source] in
 //            the expert's rank, where slot = how many earlier (token, k) of this source named that
 //            expert (flat token-major order: deterministic, ascending token index). Each row is a
@@ -95,6 +100,18 @@ __device__ __forceinline__ void signal_set(uint64_t* word, uint64_t value, int p
   nvshmemx_signal_op(word, value, NVSHMEM_SIGNAL_SET, pe);
 }
 
+// Add `value` to a control word in `pe`'s buffer (same ordering caveat as signal_set).
+__device__ __forceinline__ void signal_add(uint64_t* word, uint64_t value, int pe, bool use_p2p) {
+  if (use_p2p) {
+    uint64_t* peer_word = static_cast<uint64_t*>(nvshmem_ptr(word, pe));
+    if (peer_word != nullptr) {
+      ptx::red_add_relaxed_sys(peer_word, value);
+      return;
+    }
+  }
+  nvshmemx_signal_op(word, value, NVSHMEM_SIGNAL_ADD, pe);
+}
+
 // Where `pe` maps `ptr` for direct stores (NVLink / P2P / same GPU), or null: then use NVSHMEM.
 __device__ __forceinline__ void* p2p_address(void* ptr, int pe, bool use_p2p) {
   return use_p2p ? nvshmem_ptr(ptr, pe) : nullptr;
@@ -146,8 +163,11 @@ __device__ __forceinline__ uint64_t begin_send(const Common& c, unsigned long lo
   const int half = static_cast<int>(epoch & 1);
   if (blockIdx.x == 0 && threadIdx.x == 0) *call_epoch = epoch;
   if (epoch > 2) {
+    // ack[half][peer] counts ops on this half that `peer` finished receiving; op epoch-2 is the
+    // ((epoch-1)/2)-th of them (see the protocol comment at the top).
+    const uint64_t acks_needed = (epoch - 1) / 2;
     for (int peer = threadIdx.x; peer < c.layout.num_ranks; peer += blockDim.x)
-      wait_at_least(c.layout.ack(c.buffer, half, peer), epoch - 2, c, phase, peer, static_cast<long long>(epoch));
+      wait_at_least(c.layout.ack(c.buffer, half, peer), acks_needed, c, phase, peer, static_cast<long long>(epoch));
   }
   __syncthreads();
   return epoch;
@@ -156,10 +176,12 @@ __device__ __forceinline__ uint64_t begin_send(const Common& c, unsigned long lo
 // Block-collective, at the end of a send kernel: complete this block's puts (so staging can be
 // reused), and let the last block advance the epoch for the next op.
 __device__ __forceinline__ void end_send(const Common& c, uint64_t epoch) {
-  __syncwarp();
-  if ((threadIdx.x & 31) == 0) nvshmem_quiet();
+  // nvshmem_quiet completes every operation this PE issued (all QPs / the whole proxy channel),
+  // not only the calling thread's: one call per block, after the barrier that orders every warp's
+  // puts before it, is enough. (One per warp made up to 8x as many threads each walk every QP.)
   __syncthreads();
   if (threadIdx.x == 0) {
+    nvshmem_quiet();
     __threadfence();
     if (atomicAdd(&c.state->send_blocks_done, 1u) == gridDim.x - 1) {
       // Every block read ops_done before arriving here, so the update cannot race a reader.
@@ -187,12 +209,16 @@ __device__ __forceinline__ bool is_last_recv_block(const Common& c, int half) {
 }
 
 // Block-collective, by the last receive block after it zeroed the counters of `half`: make the
-// zeros visible system-wide, then tell every peer that this rank is done with `half` for `epoch`.
-__device__ __forceinline__ void send_acks(const Common& c, int half, uint64_t epoch) {
-  __threadfence_system();
+// zeros visible system-wide, then tell every peer that this rank is done with one more op on
+// `half` (ADD 1: see the credit paragraph at the top for why not SET).
+// The fence comes after the barrier, in every thread that then signals: the zeros were written by
+// other threads of the block, and only a fence in the signalling thread, after it observed them
+// through the barrier, orders them (cumulatively) before its relaxed signal at system scope.
+__device__ __forceinline__ void send_acks(const Common& c, int half) {
   __syncthreads();
+  __threadfence_system();
   for (int peer = threadIdx.x; peer < c.layout.num_ranks; peer += blockDim.x)
-    signal_set(c.layout.ack(c.buffer, half, c.rank), epoch, peer, c.use_p2p);
+    signal_add(c.layout.ack(c.buffer, half, c.rank), 1, peer, c.use_p2p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,7 +468,7 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_recv_kernel(Common c, Di
       ptx::st_relaxed_sys(count_words + i, static_cast<uint64_t>(0));
       ptx::st_relaxed_sys(arrived_words + i, static_cast<uint64_t>(0));
     }
-    send_acks(c, half, epoch);
+    send_acks(c, half);
   }
 }
 
@@ -568,9 +594,14 @@ __global__ void __launch_bounds__(kNumThreads) combine_recv_kernel(Common c, Com
                     kPhaseLowLatencyCombineRecv, expert / experts_per_rank, expert);
       ptx::st_relaxed_sys(l.combine_arrived(c.buffer, half, expert), static_cast<uint64_t>(0));
     }
-    send_acks(c, half, epoch);
+    send_acks(c, half);
   }
 }
+
+// Completes every NVSHMEM operation this PE issued from earlier kernels. The receive kernels'
+// acks are not quieted (that would add a network round trip to every receive); host-side resets
+// and frees must call this first, or a late ack could land after the reset (or in freed memory).
+__global__ void quiet_kernel() { nvshmem_quiet(); }
 
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
@@ -621,6 +652,11 @@ void launch_combine_send(const Common& c, const CombineSendArgs& a, cudaStream_t
   const int num_pairs = static_cast<int>(c.layout.experts_per_rank * c.layout.num_ranks);
   const int num_blocks = std::max(1, std::min(c.num_sms, ceil_div(num_pairs, kNumWarps)));
   combine_send_kernel<<<num_blocks, kNumThreads, 0, stream>>>(c, a);
+  EP_CUDA_CHECK_LAUNCH();
+}
+
+void launch_quiet(cudaStream_t stream) {
+  quiet_kernel<<<1, 1, 0, stream>>>();
   EP_CUDA_CHECK_LAUNCH();
 }
 

@@ -180,8 +180,10 @@ LowLatencyRuntime::~LowLatencyRuntime() {
 
 void LowLatencyRuntime::destroy() {
   if (buffer_ == nullptr) return;
-  select_device();
-  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  // Deliver this rank's outstanding acks before the collective free (whose barrier then orders
+  // every rank's quiet before any rank frees): a late ack would write into freed heap, possibly
+  // into the next buffer nvshmem_malloc hands out.
+  quiet();
   nvshmem_free(buffer_);  // collective
   buffer_ = nullptr;
   if (state_ != nullptr) cudaFree(state_);
@@ -225,6 +227,14 @@ low_latency::Common LowLatencyRuntime::common(int64_t num_max_tokens, int64_t hi
   c.timeout_ns = timeout_ns_;
   c.use_p2p = use_p2p_;
   return c;
+}
+
+void LowLatencyRuntime::quiet() {
+  EP_HOST_ASSERT(buffer_ != nullptr, "the low-latency buffer was destroyed");
+  select_device();
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  low_latency::launch_quiet(nullptr);
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 void LowLatencyRuntime::clean(int64_t num_max_tokens, int64_t hidden, int64_t num_experts) {

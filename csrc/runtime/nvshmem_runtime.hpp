@@ -84,6 +84,12 @@ class LowLatencyRuntime {
   bool has_error() const { return error_slot_.has_error(); }
   void check_error() const { error_slot_.check_and_throw(); }
 
+  // Synchronous and local: waits for the device, then completes every NVSHMEM operation this rank
+  // issued (nvshmem_quiet in a kernel: the receive kernels' acks are not quieted). All ranks must
+  // call it before the host barrier that precedes clean() (Python does), or a peer's late ack could
+  // land after clean() zeroed it.
+  void quiet();
+
   // Synchronous and local: waits for the device, zeroes the control words of the layout for
   // (T, H, E) (and everything before them), the device state and the error slot. All ranks must
   // do it together, with a host barrier before and after (Python does both).

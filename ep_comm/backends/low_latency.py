@@ -304,6 +304,9 @@ class LowLatencyBackend(Backend):
                              f"{self.ctx.num_rdma_bytes}")
         with torch.cuda.device(self.device):
             torch.cuda.synchronize(self.device)
+            # Receive kernels do not quiet their acks; deliver them before the barrier, so no
+            # peer's ack can land after our reset below.
+            self._runtime.quiet()
             dist.barrier(group=self.ctx.group)   # nobody is still sending into us
             self._runtime.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
             dist.barrier(group=self.ctx.group)   # nobody starts before everyone is clean

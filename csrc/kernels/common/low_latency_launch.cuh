@@ -80,6 +80,9 @@ void launch_dispatch_send(const Common& common, const DispatchSendArgs& args, cu
 void launch_dispatch_recv(const Common& common, const DispatchRecvArgs& args, cudaStream_t stream);
 void launch_combine_send(const Common& common, const CombineSendArgs& args, cudaStream_t stream);
 void launch_combine_recv(const Common& common, const CombineRecvArgs& args, cudaStream_t stream);
+// nvshmem_quiet in a one-thread kernel: completes the NVSHMEM operations earlier kernels of this PE
+// issued and did not quiet (the receive kernels' acks). Needed before resetting or freeing the buffer.
+void launch_quiet(cudaStream_t stream);
 
 }  // namespace low_latency
 }  // namespace ep_comm

@@ -7,8 +7,8 @@
 // *receiver's* buffer and hands it to nvshmem put (or to nvshmem_ptr for direct P2P stores).
 //
 //   [control]   uint64 signal words, zero at rest (receivers reset what they consumed)
-//     ack               [2 halves][R]          ack[h][p] = last epoch on half h that rank p finished
-//                                              receiving (p writes it into every sender's buffer)
+//     ack               [2 halves][R]          ack[h][p] = how many ops on half h rank p finished
+//                                              receiving (p adds 1 in every sender's buffer)
 //     dispatch_count    [2][E_local][R]        count + 1 of rows source s sends to local expert e
 //     dispatch_arrived  [2][E_local][R]        rows from source s for local expert e that landed
 //     combine_arrived   [2][E]                 rows expert e sent back to this rank that landed
