@@ -14,4 +14,5 @@ PYBIND11_MODULE(_C, m) {
   register_intranode(m);
   register_internode(m);
   register_low_latency(m);
+  register_microbench(m);
 }
