@@ -1,8 +1,12 @@
 import os
 import sys
 
-# Spawned ranks unpickle test bodies by module name: keep tests/ importable in children too.
-sys.path.insert(0, os.path.dirname(__file__))
+# Spawned ranks unpickle test bodies by module name: keep tests/ (dist.py) and tests/gpu (the GPU
+# tests' shared helpers, `from common import ...`) importable, in children too (spawn copies sys.path).
+_HERE = os.path.dirname(__file__)
+for _path in (os.path.join(_HERE, "gpu"), _HERE):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 def pytest_configure(config):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -36,8 +37,13 @@ def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, bo
         raise SystemExit(1)
 
 
-def run_ranks(body: Callable, world: int, backend: str = "gloo", timeout_s: float = 120.0, **kwargs) -> None:
-    """Run `body(rank, world, group, **kwargs)` in `world` fresh processes; raise if any rank fails."""
+def run_ranks(body: Callable, world: int, backend: str = "gloo", timeout_s: float = 120.0, grace_s: float = 15.0,
+              **kwargs) -> None:
+    """Run `body(rank, world, group, **kwargs)` in `world` fresh processes; raise if any rank fails.
+
+    Fails fast: once a rank has failed, the others get `grace_s` to report their own errors and are
+    then killed, instead of sitting in a collective or a device wait until the group timeout.
+    """
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
@@ -45,17 +51,25 @@ def run_ranks(body: Callable, world: int, backend: str = "gloo", timeout_s: floa
              for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout_s + 60)
+    deadline = time.monotonic() + timeout_s + 60
+    failed_at = None
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        # A failed rank reports before it exits (its exit hooks may take a while): either counts.
+        if failed_at is None and (not errors.empty() or any(p.exitcode not in (None, 0) for p in procs)):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + grace_s):
+            break
+        time.sleep(0.2)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
     for p in procs:
         if p.is_alive():
             p.kill()
-            p.join()
+        p.join()
     failures = []
     while not errors.empty():
         failures.append(errors.get())
-    hung = [r for r, p in enumerate(procs) if p.exitcode is None]
     if failures or hung or any(p.exitcode != 0 for p in procs):
         details = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures))
         raise AssertionError(f"{world} ranks, kwargs={kwargs}: exit codes {[p.exitcode for p in procs]}"
-                             f"{' hung ' + str(hung) if hung else ''}\n{details}")
+                             f"{' killed (hung or after a peer failed) ' + str(hung) if hung else ''}\n{details}")

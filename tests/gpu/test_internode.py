@@ -14,17 +14,16 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from ep_comm import _ext
+import ep_comm
+from ep_comm import fp8
+from ep_comm.config import Config
+from ep_comm.testing import make_inputs
+from common import (DEVICE_TIMEOUT_S, DRY_RUN, GPU_TEST, KERNELS, close, exact, run_ranks, setup_device, split,
+                    synchronize)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _ext.gpu_available(), reason="needs a CUDA GPU and the built ep_comm._C")]
-
-import ep_comm  # noqa: E402
-from ep_comm import fp8  # noqa: E402
-from ep_comm.config import Config  # noqa: E402
-from ep_comm.testing import calc_diff, make_inputs  # noqa: E402
-from dist import run_ranks  # noqa: E402
+pytestmark = GPU_TEST
 
 HIDDEN = 256
 SEED = 20261125
@@ -43,38 +42,6 @@ def _tokens(rank: int, world: int, base: int) -> int:
     return 0 if rank == world - 1 else base + 5 * rank
 
 
-def _same(name, got, want, seed):
-    if want is None or got is None:
-        assert got is None and want is None, f"{name}: got {type(got)}, want {type(want)} (seed {seed})"
-        return
-    if isinstance(want, (list, tuple)):
-        assert list(got) == list(want), f"{name}: {got} != {want} (seed {seed})"
-        return
-    got, want = got.cpu(), want.cpu()
-    if got.dtype == torch.float8_e4m3fn:
-        got, want = got.view(torch.uint8), want.view(torch.uint8)
-    assert got.dtype == want.dtype and got.shape == want.shape, \
-        f"{name}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)} (seed {seed})"
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()
-        raise AssertionError(f"{name}: {bad.shape[0]} mismatches, first at {bad[0].tolist()}: "
-                             f"{got[tuple(bad[0])]} != {want[tuple(bad[0])]} (seed {seed})")
-
-
-def _close(name, got, want, seed, limit=5e-6):
-    if want is None:
-        assert got is None, f"{name}: expected None (seed {seed})"
-        return
-    got, want = got.cpu(), want.cpu()
-    assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != {list(want.shape)} (seed {seed})"
-    diff = calc_diff(got.float(), want.float())
-    assert diff < limit, f"{name}: calc_diff {diff} >= {limit} (seed {seed})"
-
-
-def _split(x):
-    return (x[0], x[1]) if isinstance(x, tuple) else (x, None)
-
-
 def _check_config(rank, world, kernels, reference, config, seed, device):
     num_experts = 4 * world
     num_topk = min(6, num_experts)
@@ -87,7 +54,7 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
     for name, g, w in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
                            "is_token_in_rank"), got[:4], want[:4]):
         assert w is not None, name
-        _same(name, g, w, seed)
+        exact(name, g, w, seed)
     k_layout = dict(num_tokens_per_rank=got[0], num_tokens_per_rdma_rank=got[1], num_tokens_per_expert=got[2],
                     is_token_in_rank=got[3])
     r_layout = dict(num_tokens_per_rank=want[0], num_tokens_per_rdma_rank=want[1], num_tokens_per_expert=want[2],
@@ -103,17 +70,17 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
             r = reference.dispatch(x_cpu, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights,
                                    expert_alignment=alignment, config=config, **r_layout)
             tag = f"fp8={use_fp8} align={alignment} cfg={config.num_sms}"
-            for part, (g, w) in enumerate(zip(_split(k[0]), _split(r[0]))):
-                _same(f"recv_x[{part}] {tag}", g, w, seed)
-            _same(f"recv_topk_idx {tag}", k[1], r[1], seed)
-            _same(f"recv_topk_weights {tag}", k[2], r[2], seed)
-            _same(f"num_recv_tokens_per_expert_list {tag}", k[3], r[3], seed)
+            for part, (g, w) in enumerate(zip(split(k[0]), split(r[0]))):
+                exact(f"recv_x[{part}] {tag}", g, w, seed)
+            exact(f"recv_topk_idx {tag}", k[1], r[1], seed)
+            exact(f"recv_topk_weights {tag}", k[2], r[2], seed)
+            exact(f"num_recv_tokens_per_expert_list {tag}", k[3], r[3], seed)
 
     # Dispatch without weights (recv weights None), then the one whose handle combine uses.
     k = kernels.dispatch(gpu(mine.x), topk_idx=gpu(mine.topk_idx), config=config, **k_layout)
     r = reference.dispatch(mine.x, topk_idx=mine.topk_idx, config=config, **r_layout)
     assert k[2] is None and r[2] is None
-    _same("recv_x (no weights)", k[0], r[0], seed)
+    exact("recv_x (no weights)", k[0], r[0], seed)
     k = kernels.dispatch(gpu(mine.x), topk_idx=gpu(mine.topk_idx), topk_weights=gpu(mine.topk_weights),
                          config=config, **k_layout)
     r = reference.dispatch(mine.x, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, config=config, **r_layout)
@@ -129,19 +96,19 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
     assert kw[0].shape[0] == worst and kw[3] == []
     for name, g, w in (("recv_x worst", kw[0], rw[0]), ("recv_topk_idx worst", kw[1], rw[1]),
                        ("recv_topk_weights worst", kw[2], rw[2])):
-        _same(name, g, w, seed)
+        exact(name, g, w, seed)
 
     # Cached dispatch with new data, bf16 and FP8.
     x2 = (mine.x.float() * -2).to(torch.bfloat16)
     kc = kernels.dispatch(gpu(x2), handle=k_handle, config=config)
     rc = reference.dispatch(x2, handle=r_handle, config=config)
     assert kc[1:5] == (None, None, None, None)
-    _same("cached recv_x", kc[0], rc[0], seed)
+    exact("cached recv_x", kc[0], rc[0], seed)
     x2_fp8 = fp8.per_token_cast_to_fp8(x2)
     kc = kernels.dispatch(tuple(gpu(t) for t in x2_fp8), handle=k_handle, config=config)
     rc = reference.dispatch(x2_fp8, handle=r_handle, config=config)
-    for part, (g, w) in enumerate(zip(_split(kc[0]), _split(rc[0]))):
-        _same(f"cached fp8 recv_x[{part}]", g, w, seed)
+    for part, (g, w) in enumerate(zip(split(kc[0]), split(rc[0]))):
+        exact(f"cached fp8 recv_x[{part}]", g, w, seed)
 
     # Combine: rows scaled by (rank + 1), with and without weights and biases.
     expert_out = (r[0].float() * (rank + 1)).to(torch.bfloat16)
@@ -157,13 +124,13 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
             rx, rwts, _ = reference.combine(expert_out, r_handle, topk_weights=r[2] if use_weights else None,
                                             bias=rb, config=config)
             tag = f"weights={use_weights} bias={num_bias} cfg={config.num_sms}"
-            _close(f"combined_x {tag}", kx, rx, seed)
-            _close(f"combined_topk_weights {tag}", kwts, rwts, seed)
+            close(f"combined_x {tag}", kx, rx, seed)
+            close(f"combined_topk_weights {tag}", kwts, rwts, seed)
     # Through the padded handle (padding rows ignored).
     padded = torch.cat([expert_out, torch.randn(worst - num_recv, HIDDEN).to(torch.bfloat16)])
     kx, _, _ = kernels.combine(gpu(padded), kw[4], config=config)
     rx, _, _ = reference.combine(padded, rw[4], config=config)
-    _close("combined_x (worst handle)", kx, rx, seed)
+    close("combined_x (worst handle)", kx, rx, seed)
     # Deterministic: same inputs, same bits.
     kx2, _, _ = kernels.combine(gpu(padded), kw[4], config=config)
     assert torch.equal(kx.cpu(), kx2.cpu()), f"combine is not deterministic (seed {seed})"
@@ -171,16 +138,16 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
 
 def _body(rank, world, group, ranks_per_node, seed):
     os.environ["EP_COMM_RANKS_PER_NODE"] = str(ranks_per_node)
-    device = torch.device("cuda", rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    device = setup_device(rank)
     num_rdma_bytes = max(max(cfg.get_rdma_buffer_size_hint(HIDDEN * 2, world) for cfg in CONFIGS), 1)
-    kernels = ep_comm.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, backend="kernels")
-    assert kernels._normal.name == "internode", kernels._normal.name
+    kernels = ep_comm.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, backend=KERNELS)
+    assert DRY_RUN or kernels._normal.name == "internode", kernels._normal.name
     assert kernels.get_num_rdma_ranks() == world // ranks_per_node
     reference = ep_comm.Buffer(group, backend="reference")
-    try:
-        for i, config in enumerate(CONFIGS):
-            _check_config(rank, world, kernels, reference, config, seed + i, device)
+    for i, config in enumerate(CONFIGS):
+        _check_config(rank, world, kernels, reference, config, seed + i, device)
+    if not DRY_RUN:
         # A buffer too small for a call is refused on the host, before any launch, naming the size.
         big = Config(num_sms=8, num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
         mine = make_inputs(seed, rank, 4, HIDDEN, 2, 4 * world)
@@ -189,9 +156,13 @@ def _body(rank, world, group, ranks_per_node, seed):
             kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), config=big,
                              num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
                              num_tokens_per_expert=layout[2], is_token_in_rank=layout[3])
-        torch.cuda.synchronize()
-    finally:
-        kernels.destroy()
+    synchronize()
+    kernels.check_errors()
+    dist.barrier(group)
+    # Collective (NVSHMEM frees), so only on success and on every rank: a rank that failed must not
+    # block its peers in a collective free (its buffer goes with the bounded exit hook instead).
+    kernels.destroy()
+    reference.destroy()
 
 
 @pytest.mark.parametrize("world,ranks_per_node", [(4, 2), (8, 4), (8, 2)])

@@ -16,16 +16,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ep_comm import _ext
+import ep_comm
+from ep_comm import fp8
+from ep_comm.config import Config
+from ep_comm.testing import make_inputs
+from common import (DEVICE_TIMEOUT_S, DRY_RUN, GPU_TEST, KERNELS, close, exact, kernel_only, run_ranks, setup_device,
+                    split, synchronize)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not _ext.gpu_available(), reason="needs a CUDA GPU and the built ep_comm._C")]
-
-import ep_comm  # noqa: E402
-from ep_comm import fp8  # noqa: E402
-from ep_comm.config import Config  # noqa: E402
-from ep_comm.testing import calc_diff, make_inputs  # noqa: E402
-from dist import run_ranks  # noqa: E402
+pytestmark = GPU_TEST
 
 HIDDEN = 256
 SEED = 20261124
@@ -42,39 +40,6 @@ def _tokens(rank: int, world: int, base: int) -> int:
     return 0 if rank == world - 1 else base + 5 * rank
 
 
-def _same(name: str, got, want, seed: int) -> None:
-    """Bit-exact comparison (FP8 through its bytes), with the seed in the message."""
-    if want is None or got is None:
-        assert got is None and want is None, f"{name}: got {type(got)}, want {type(want)} (seed {seed})"
-        return
-    if isinstance(want, (list, tuple)) and not isinstance(want, torch.Tensor):
-        assert list(got) == list(want), f"{name}: {got} != {want} (seed {seed})"
-        return
-    got, want = got.cpu(), want.cpu()
-    if got.dtype == torch.float8_e4m3fn:
-        got, want = got.view(torch.uint8), want.view(torch.uint8)
-    assert got.dtype == want.dtype and got.shape == want.shape, \
-        f"{name}: {got.dtype}{list(got.shape)} != {want.dtype}{list(want.shape)} (seed {seed})"
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()
-        raise AssertionError(f"{name}: {bad.shape[0]} mismatches, first at {bad[0].tolist()}: "
-                             f"{got[tuple(bad[0])]} != {want[tuple(bad[0])]} (seed {seed})")
-
-
-def _close(name: str, got, want, seed: int, limit: float = 5e-6) -> None:
-    if want is None:
-        assert got is None, f"{name}: expected None (seed {seed})"
-        return
-    got, want = got.cpu(), want.cpu()
-    assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != {list(want.shape)} (seed {seed})"
-    diff = calc_diff(got.float(), want.float())
-    assert diff < limit, f"{name}: calc_diff {diff} >= {limit} (seed {seed})"
-
-
-def _split(x):
-    return (x[0], x[1]) if isinstance(x, tuple) else (x, None)
-
-
 def _check_call_sequence(rank, world, kernels, reference, config, seed, device):
     num_experts = 4 * world
     num_topk = min(6, num_experts)
@@ -87,7 +52,7 @@ def _check_call_sequence(rank, world, kernels, reference, config, seed, device):
     r_layout = reference.get_dispatch_layout(idx_cpu, num_experts)
     for name, a, b in zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert",
                            "is_token_in_rank"), k_layout[:4], r_layout[:4]):
-        _same(f"layout {name}", a, b, seed)
+        exact(f"layout {name}", a, b, seed)
     k_kw = dict(num_tokens_per_rank=k_layout[0], is_token_in_rank=k_layout[3], num_tokens_per_expert=k_layout[2])
     r_kw = dict(num_tokens_per_rank=r_layout[0], is_token_in_rank=r_layout[3], num_tokens_per_expert=r_layout[2])
 
@@ -106,13 +71,13 @@ def _check_call_sequence(rank, world, kernels, reference, config, seed, device):
                                          expert_alignment=alignment, num_worst_tokens=num_worst, config=config, **k_kw)
                 r_out = reference.dispatch(r_x, topk_idx=idx_cpu, topk_weights=w_cpu if with_weights else None,
                                            expert_alignment=alignment, num_worst_tokens=num_worst, **r_kw)
-                k_recv, k_scales = _split(k_out[0])
-                r_recv, r_scales = _split(r_out[0])
-                _same(f"{tag} recv_x", k_recv, r_recv, seed)
-                _same(f"{tag} recv_x scales", k_scales, r_scales, seed)
-                _same(f"{tag} recv_topk_idx", k_out[1], r_out[1], seed)
-                _same(f"{tag} recv_topk_weights", k_out[2], r_out[2], seed)
-                _same(f"{tag} num_recv_tokens_per_expert_list", k_out[3], r_out[3], seed)
+                k_recv, k_scales = split(k_out[0])
+                r_recv, r_scales = split(r_out[0])
+                exact(f"{tag} recv_x", k_recv, r_recv, seed)
+                exact(f"{tag} recv_x scales", k_scales, r_scales, seed)
+                exact(f"{tag} recv_topk_idx", k_out[1], r_out[1], seed)
+                exact(f"{tag} recv_topk_weights", k_out[2], r_out[2], seed)
+                exact(f"{tag} num_recv_tokens_per_expert_list", k_out[3], r_out[3], seed)
                 k_handle, r_handle = k_out[4], r_out[4]
                 assert k_handle.num_recv_rows == r_handle.num_recv_rows, tag
 
@@ -123,10 +88,10 @@ def _check_call_sequence(rank, world, kernels, reference, config, seed, device):
                 k_cached = kernels.dispatch(k_x2, handle=k_handle, config=config)
                 r_cached = reference.dispatch(r_x2, handle=r_handle)
                 assert k_cached[1:5] == (None, None, None, None), tag
-                k_recv2, k_scales2 = _split(k_cached[0])
-                r_recv2, r_scales2 = _split(r_cached[0])
-                _same(f"{tag} cached recv_x", k_recv2, r_recv2, seed)
-                _same(f"{tag} cached recv_x scales", k_scales2, r_scales2, seed)
+                k_recv2, k_scales2 = split(k_cached[0])
+                r_recv2, r_scales2 = split(r_cached[0])
+                exact(f"{tag} cached recv_x", k_recv2, r_recv2, seed)
+                exact(f"{tag} cached recv_x scales", k_scales2, r_scales2, seed)
 
                 if use_fp8:
                     continue
@@ -140,25 +105,25 @@ def _check_call_sequence(rank, world, kernels, reference, config, seed, device):
                                                  config=config)
                         r_comb = reference.combine(y_cpu, r_handle, topk_weights=r_out[2] if use_w else None,
                                                    bias=bias_r)
-                        _close(f"{ctag} combined_x", k_comb[0], r_comb[0], seed)
-                        _close(f"{ctag} combined_topk_weights", k_comb[1], r_comb[1], seed)
+                        close(f"{ctag} combined_x", k_comb[0], r_comb[0], seed)
+                        close(f"{ctag} combined_topk_weights", k_comb[1], r_comb[1], seed)
                         if not torch.equal(k_comb[0].cpu(), r_comb[0]):
                             print(f"rank {rank}: {ctag}: combine within tolerance but not bit-exact (seed {seed})")
 
 
 def _body(rank, world, group, seed):
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    device = torch.device("cuda", torch.cuda.current_device())
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    device = setup_device(rank)
     nvl_bytes = max(c.get_nvl_buffer_size_hint(HIDDEN * 2, world) for c in CONFIGS)
-    kernels = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend="kernels")
+    kernels = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     reference = ep_comm.Buffer(group, backend="reference")
-    assert kernels._normal.name == "intranode", kernels._normal.name
+    assert DRY_RUN or kernels._normal.name == "intranode", kernels._normal.name
     try:
         # Several calls on one buffer: the buffer must be reusable without any clean-up.
         for i, config in enumerate(CONFIGS + CONFIGS[:1]):
             _check_call_sequence(rank, world, kernels, reference, config, seed + 101 * i, device)
-        torch.cuda.synchronize()
-        kernels._normal.check_errors()
+        synchronize()
+        kernels.check_errors()
         dist.barrier(group)  # nobody frees its buffer while a peer may still write into it
     finally:
         kernels.destroy()
@@ -173,8 +138,7 @@ def test_intranode_matches_reference(world):
 def _timeout_body(rank, world, group, seed):
     """Only rank 0 dispatches: it must raise a RuntimeError naming rank, phase and peer, stay
     unusable, and after every rank destroyed its Buffer, fresh Buffers must work again."""
-    torch.cuda.set_device(rank % torch.cuda.device_count())
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = setup_device(rank)
     config = CONFIGS[0]
     nvl_bytes = config.get_nvl_buffer_size_hint(HIDDEN * 2, world)
     num_experts = 4 * world
@@ -195,19 +159,20 @@ def _timeout_body(rank, world, group, seed):
     dist.barrier(group)
     buffer.destroy()
 
-    os.environ["EP_COMM_TIMEOUT_S"] = "100"
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
     buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend="kernels")
     try:
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, config=config, **layout)
         combined, _, _ = buffer.combine(recv_x, handle, config=config)
         # Every copy of a token comes back unchanged, so the sum is x times its number of ranks.
         expected = (x.float() * in_rank.sum(1, keepdim=True).float()).bfloat16()
-        _same("combine after recovery", combined, expected, seed)
-        torch.cuda.synchronize()
+        exact("combine after recovery", combined, expected, seed)
+        synchronize()
         dist.barrier(group)
     finally:
         buffer.destroy()
 
 
+@kernel_only
 def test_intranode_timeout_names_rank_phase_and_peer():
     run_ranks(_timeout_body, 2, seed=SEED, timeout_s=300)
