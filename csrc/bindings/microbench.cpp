@@ -79,12 +79,8 @@ class NvshmemScratch {
     // buffer is always freed before NVSHMEM is finalised.
     ep_comm::nvshmem_runtime::acquire(std::string(), rank, num_ranks, device);
     try {
-      buffer_ = static_cast<uint8_t*>(nvshmem_malloc(static_cast<size_t>(num_bytes)));  // collective
-      EP_HOST_ASSERT(buffer_ != nullptr, "nvshmem_malloc of " + std::to_string(num_bytes) + " bytes failed on rank " +
-                                             std::to_string(rank) + " (raise NVSHMEM_SYMMETRIC_SIZE)");
       // Signal words start at zero; peers write only after the host barrier the caller runs next.
-      EP_CUDA_CHECK(cudaMemset(buffer_, 0, static_cast<size_t>(num_bytes)));
-      EP_CUDA_CHECK(cudaDeviceSynchronize());
+      buffer_ = ep_comm::nvshmem_runtime::malloc_zeroed(num_bytes, rank);
     } catch (...) {
       buffer_ = nullptr;
       ep_comm::nvshmem_runtime::release();

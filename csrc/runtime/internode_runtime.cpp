@@ -27,13 +27,8 @@ InternodeRuntime::InternodeRuntime(int64_t num_bytes, int rank, int num_ranks, i
   nvshmem_runtime::acquire(std::string(), rank, num_ranks, device_);
   try {
     timeout_ns_ = timeout_ns_from_seconds(timeout_s);
-    // Collective: every rank allocates the same size in the same order.
-    buffer_ = static_cast<uint8_t*>(nvshmem_malloc(static_cast<size_t>(num_bytes)));
-    EP_HOST_ASSERT(buffer_ != nullptr, "nvshmem_malloc of " + std::to_string(num_bytes) + " bytes failed on rank " +
-                                           std::to_string(rank) + " (raise NVSHMEM_SYMMETRIC_SIZE)");
     // Counters start at zero; peers write them only after the host barrier Python runs next.
-    EP_CUDA_CHECK(cudaMemset(buffer_, 0, static_cast<size_t>(num_bytes)));
-    EP_CUDA_CHECK(cudaDeviceSynchronize());
+    buffer_ = nvshmem_runtime::malloc_zeroed(num_bytes, rank);
   } catch (...) {
     buffer_ = nullptr;
     nvshmem_runtime::release();

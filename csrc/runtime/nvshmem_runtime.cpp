@@ -128,6 +128,16 @@ int num_pes() {
   return nvshmem_n_pes();
 }
 
+uint8_t* malloc_zeroed(int64_t num_bytes, int rank) {
+  auto* buffer = static_cast<uint8_t*>(nvshmem_malloc(static_cast<size_t>(num_bytes)));
+  EP_HOST_ASSERT(buffer != nullptr, "nvshmem_malloc of " + std::to_string(num_bytes) + " bytes failed on rank " +
+                                        std::to_string(rank) +
+                                        " (raise NVSHMEM_SYMMETRIC_SIZE, see docs/low_latency.md)");
+  EP_CUDA_CHECK(cudaMemset(buffer, 0, static_cast<size_t>(num_bytes)));
+  EP_CUDA_CHECK(cudaDeviceSynchronize());
+  return buffer;
+}
+
 }  // namespace nvshmem_runtime
 
 // ---------------------------------------------------------------------------------------------
@@ -152,15 +162,8 @@ LowLatencyRuntime::LowLatencyRuntime(int64_t num_bytes, int rank, int num_ranks,
 
     EP_CUDA_CHECK(cudaMalloc(&state_, sizeof(low_latency::DeviceState)));
     EP_CUDA_CHECK(cudaMemset(state_, 0, sizeof(low_latency::DeviceState)));
-    // Collective: every rank allocates the same size in the same order.
-    buffer_ = static_cast<uint8_t*>(nvshmem_malloc(static_cast<size_t>(num_bytes)));
-    EP_HOST_ASSERT(buffer_ != nullptr, "nvshmem_malloc of " + std::to_string(num_bytes) +
-                                           " bytes failed on rank " + std::to_string(rank) +
-                                           " (raise NVSHMEM_SYMMETRIC_SIZE, see docs/low_latency.md)");
-    // Control words must start at zero; peers may write them as soon as every rank is past the
-    // host barrier Python runs after this constructor.
-    EP_CUDA_CHECK(cudaMemset(buffer_, 0, static_cast<size_t>(num_bytes)));
-    EP_CUDA_CHECK(cudaDeviceSynchronize());
+    // Control words start at zero; peers write them only after the host barrier Python runs next.
+    buffer_ = nvshmem_runtime::malloc_zeroed(num_bytes, rank);
   } catch (...) {
     // A failed nvshmem_malloc leaves the ranks out of step anyway; free what is local.
     if (state_ != nullptr) cudaFree(state_);

@@ -56,6 +56,11 @@ int init_status();
 int my_pe();
 int num_pes();
 
+// Collective (every rank, same size, same order): a symmetric buffer of `num_bytes`, zeroed and
+// synchronised, so peers may write into it once every rank is past the caller's next host barrier.
+// Throws ep_comm::Error naming `rank` and the size when the symmetric heap is too small.
+uint8_t* malloc_zeroed(int64_t num_bytes, int rank);
+
 }  // namespace nvshmem_runtime
 
 // The low-latency mode of one Buffer: an NVSHMEM symmetric buffer of `num_bytes`, a DeviceState
