@@ -45,7 +45,7 @@ def test_buffer_bytes_monotone_in_every_argument():
 def test_regions_are_ordered_aligned_and_disjoint():
     for ranks, channels, slots, slot_bytes in itertools.product(RANKS, [1, 3, 10, 64], [2, 17, 256], [16, 272, 14592]):
         off = _C.intranode_layout_offsets(ranks, channels, slots, slot_bytes)
-        order = ["started", "notify_channel", "notify_expert", "notify_signature", "tail", "head", "slots"]
+        order = ["started", "notify_channel", "notify_expert", "tail", "head", "slots"]
         starts = [off[k] for k in order]
         assert all(s % 128 == 0 for s in starts), off
         # Each region holds what the kernels put there: R u64 flags, R*C u64 counts, R*1024 expert

@@ -1,5 +1,10 @@
 // Python bindings of the intranode (NVLink / CUDA IPC) runtime and kernels, and of the GPU
 // dispatch layout. Everything crosses as ints (device pointers, sizes, cudaStream_t) or bytes.
+//
+// dispatch / combine raise a recorded device error only AFTER launching (notify not at all): a kernel
+// launched on a failed buffer does no work, but its start rendezvous tells every peer "this rank
+// failed", so they skip the same call at once instead of timing out waiting for it (e.g. the
+// dispatch right after a notify that found more rows than num_worst_tokens).
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -32,7 +37,6 @@ py::dict layout_offsets(int num_ranks, int num_channels, int num_slots, int64_t 
   d["started"] = l.started_begin();
   d["notify_channel"] = l.notify_channel_begin();
   d["notify_expert"] = l.notify_expert_begin();
-  d["notify_signature"] = l.notify_signature_begin();
   d["tail"] = l.tail_begin();
   d["head"] = l.head_begin();
   d["slots"] = l.slots_begin();
@@ -118,7 +122,6 @@ void register_intranode(py::module_& m) {
              std::uint32_t signature, bool report_to_host, int num_slots, int64_t slot_bytes,
              std::uintptr_t channel_pos, std::uintptr_t send_count, std::uintptr_t recv_start, double timeout_s,
              std::uintptr_t stream) {
-            b.check_error();
             b.activate();
             in::NotifyArgs args{};
             args.is_token_in_rank = ptr<const bool>(is_token_in_rank);
@@ -135,6 +138,8 @@ void register_intranode(py::module_& m) {
             args.channel_pos = ptr<int>(channel_pos);
             args.send_count = ptr<int>(send_count);
             args.recv_start = ptr<int>(recv_start);
+            // No error check here: the dispatch launched next raises it, after launching (the
+            // peers' dispatch waits for ours), and wait_recv_counts raises it too.
             in::launch_notify(b.context(timeout_s), args, stream_of(stream));
           },
           py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"), py::arg("num_tokens"), py::arg("num_channels"),
@@ -151,8 +156,8 @@ void register_intranode(py::module_& m) {
              int num_local_experts, std::uintptr_t is_token_in_rank, std::uintptr_t channel_pos,
              std::uintptr_t send_count, std::uintptr_t recv_start, int num_channels, int num_slots,
              std::uintptr_t recv_x, std::uintptr_t recv_x_scales, std::uintptr_t recv_topk_idx,
-             std::uintptr_t recv_topk_weights, int num_recv_rows, double timeout_s, std::uintptr_t stream) {
-            b.check_error();
+             std::uintptr_t recv_topk_weights, int num_recv_rows, std::uint32_t signature, double timeout_s,
+             std::uintptr_t stream) {
             b.activate();
             in::DispatchArgs args{};
             args.x = ptr<const void>(x);
@@ -175,21 +180,23 @@ void register_intranode(py::module_& m) {
             args.recv_topk_idx = ptr<int64_t>(recv_topk_idx);
             args.recv_topk_weights = ptr<float>(recv_topk_weights);
             args.num_recv_rows = num_recv_rows;
+            args.signature = signature;
             in::launch_dispatch(b.context(timeout_s), args, stream_of(stream));
+            b.check_error();  // after the launch: see the comment at the top
           },
           py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"), py::arg("num_tokens"),
           py::arg("hidden_bytes"), py::arg("num_scales"), py::arg("num_topk"), py::arg("num_local_experts"),
           py::arg("is_token_in_rank"), py::arg("channel_pos"), py::arg("send_count"), py::arg("recv_start"),
           py::arg("num_channels"), py::arg("num_slots"), py::arg("recv_x"), py::arg("recv_x_scales"),
-          py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("num_recv_rows"), py::arg("timeout_s"),
-          py::arg("stream"))
+          py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("num_recv_rows"), py::arg("signature"),
+          py::arg("timeout_s"), py::arg("stream"))
       .def(
           "combine",
           [](IpcBuffer& b, std::uintptr_t x, std::uintptr_t topk_weights, std::uintptr_t bias0, std::uintptr_t bias1,
              int num_tokens, int hidden, int num_topk, std::uintptr_t is_token_in_rank, std::uintptr_t channel_pos,
              std::uintptr_t send_count, std::uintptr_t recv_start, int num_channels, int num_slots,
-             std::uintptr_t combined_x, std::uintptr_t combined_topk_weights, double timeout_s, std::uintptr_t stream) {
-            b.check_error();
+             std::uintptr_t combined_x, std::uintptr_t combined_topk_weights, std::uint32_t signature, double timeout_s,
+             std::uintptr_t stream) {
             b.activate();
             in::CombineArgs args{};
             args.x = ptr<const void>(x);
@@ -207,10 +214,13 @@ void register_intranode(py::module_& m) {
             args.num_slots = num_slots;
             args.combined_x = ptr<void>(combined_x);
             args.combined_topk_weights = ptr<float>(combined_topk_weights);
+            args.signature = signature;
             in::launch_combine(b.context(timeout_s), args, stream_of(stream));
+            b.check_error();  // after the launch: see the comment at the top
           },
           py::arg("x"), py::arg("topk_weights"), py::arg("bias0"), py::arg("bias1"), py::arg("num_tokens"),
           py::arg("hidden"), py::arg("num_topk"), py::arg("is_token_in_rank"), py::arg("channel_pos"),
           py::arg("send_count"), py::arg("recv_start"), py::arg("num_channels"), py::arg("num_slots"),
-          py::arg("combined_x"), py::arg("combined_topk_weights"), py::arg("timeout_s"), py::arg("stream"));
+          py::arg("combined_x"), py::arg("combined_topk_weights"), py::arg("signature"), py::arg("timeout_s"),
+          py::arg("stream"));
 }

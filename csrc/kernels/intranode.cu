@@ -5,7 +5,9 @@
 // Synchronisation, in three rules:
 //  1. Every kernel is one epoch and starts with a rendezvous (start_rendezvous): after it, every
 //     peer has finished all its earlier kernels, so nobody touches what a previous kernel left in
-//     any buffer. This is what makes the buffer reusable without clean-up kernels.
+//     any buffer. This is what makes the buffer reusable without clean-up kernels. The rendezvous
+//     also compares the call signature (kind + ring layout) of every rank, and tells peers when
+//     this rank failed earlier, so a mismatch or an earlier error skips the call on every rank.
 //  2. Every counter a peer writes is tagged with the epoch ((epoch << 32) | value); a stale word
 //     from an earlier kernel reads as 0. So counters never need resetting either.
 //  3. A ring (writer -> reader, channel) is single-producer (one warp group of the writer's sender
@@ -49,9 +51,9 @@ __device__ __forceinline__ int round_size(int num_slots) { return num_slots / 2 
 // =============================================================================================
 //
 // Blocks 0..C-1: channel c computes channel_pos / send_count for its token range and sends each
-// peer "I send you n tokens in channel c". Block C: sends each peer its per-local-expert counts and
-// the call signature, gathers everything peers sent this rank, and produces recv_start and the
-// host-mapped counters.
+// peer "I send you n tokens in channel c". Block C: sends each peer its per-local-expert counts,
+// gathers everything peers sent this rank, and produces recv_start and the host-mapped counters.
+// (The start rendezvous already checked that all ranks agree on the channel and expert counts.)
 
 __device__ __forceinline__ void notify_channel_block(const Context& ctx, const NotifyArgs& args, const BufferLayout& layout,
                                      uint64_t epoch, int channel) {
@@ -118,35 +120,16 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
   const int num_ranks = ctx.num_ranks, num_channels = args.num_channels;
   const int num_local_experts = args.num_local_experts;
 
-  // 1. Tell every peer how many of my tokens go to each of its local experts, and my signature.
+  // 1. Tell every peer how many of my tokens go to each of its local experts.
   for (int i = threadIdx.x; i < num_ranks * num_local_experts; i += kNotifyThreads) {
     const int dst = i / num_local_experts, expert = i % num_local_experts;
     const int count = args.num_tokens_per_expert != nullptr ? args.num_tokens_per_expert[i] : 0;
     ptx::st_release_sys(at<unsigned long long>(ctx.buffers[dst], layout.notify_expert_offset(ctx.rank, expert)),
                         static_cast<unsigned long long>(make_tagged(epoch, uint32_t(count))));
   }
-  if (threadIdx.x < num_ranks)
-    ptx::st_release_sys(at<unsigned long long>(ctx.buffers[threadIdx.x], layout.notify_signature_offset(ctx.rank)),
-                        static_cast<unsigned long long>(make_tagged(epoch, args.signature)));
 
-  // 2. Check every source's signature first: a rank whose sizes or Config differ (e.g. another
-  // channel count or expert count) does not write the counts waited for below where this rank
-  // looks, so checking last would turn the mismatch into a misleading notify timeout.
+  // 2. Gather what every source sends me.
   bool failed = false;
-  if (threadIdx.x < num_ranks) {
-    const int src = threadIdx.x;
-    const auto* word = at<const uint64_t>(ctx.buffers[ctx.rank], layout.notify_signature_offset(src));
-    const int64_t signature = wait_tagged_at_least(word, epoch, 0, ctx, kPhaseNotify, src);
-    failed = signature < 0;
-    // Ranks that disagree on the ring layout would scribble over each other's slots.
-    if (!failed && uint32_t(signature) != args.signature) {
-      report_error(ctx.error_slot, kErrorInvalidInput, ctx.rank, kPhaseNotify, src, signature);
-      failed = true;
-    }
-  }
-  if (__syncthreads_or(failed)) return;
-
-  // 3. Gather what every source sends me.
   for (int i = threadIdx.x; i < num_ranks * num_channels && !failed; i += kNotifyThreads) {
     const int src = i / num_channels, channel = i % num_channels;
     const auto* word = at<const uint64_t>(ctx.buffers[ctx.rank], layout.notify_channel_offset(src, channel));
@@ -170,7 +153,7 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
   if (args.recv_counters != nullptr) ptx::fence_sc_sys();  // host-mapped stores before `ready`
   if (__syncthreads_or(failed)) return;
 
-  // 4. recv_start = exclusive prefix of s_counts in (src, channel) order: the output row order.
+  // 3. recv_start = exclusive prefix of s_counts in (src, channel) order: the output row order.
   const int num_items = num_ranks * num_channels;
   int local[4], local_sum = 0;
 #pragma unroll
@@ -189,8 +172,10 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
   }
   if (threadIdx.x == 0) {
     args.recv_start[num_items] = total;
+    // Sticky: the dispatch kernel queued next publishes "failed" in its rendezvous, so every peer
+    // skips that dispatch at once (and reports which peer failed) instead of timing out on us.
     if (args.num_worst_tokens > 0 && total > args.num_worst_tokens)
-      report_error(ctx.error_slot, kErrorInvalidInput, ctx.rank, kPhaseNotify, -1, total);
+      report_failure(ctx, kErrorInvalidInput, kPhaseNotify, -1, total);
     if (args.recv_counters != nullptr) {
       args.recv_counters->num_recv_tokens = total;
       ptx::fence_sc_sys();
@@ -201,8 +186,9 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_kernel(Context ctx, NotifyArgs args) {
   const BufferLayout layout(ctx.num_ranks, args.num_channels, args.num_slots, args.slot_bytes);
-  const uint64_t epoch = read_epoch(ctx, layout);
-  if (start_rendezvous(ctx, layout, epoch)) {
+  bool failed_before;
+  const uint64_t epoch = read_epoch(ctx, layout, failed_before);
+  if (start_rendezvous(ctx, layout, epoch, args.signature, failed_before)) {
     if (int(blockIdx.x) < args.num_channels)
       notify_channel_block(ctx, args, layout, epoch, blockIdx.x);
     else
@@ -349,13 +335,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) dispatch_kernel(Context ctx,
   const DispatchSlot slot(args.hidden_bytes, args.num_scales, args.num_topk);
   const BufferLayout layout(ctx.num_ranks, args.num_channels, args.num_slots, slot.bytes());
   __shared__ int s_flags[kMaxRanks];
-  const uint64_t epoch = read_epoch(ctx, layout);
+  bool failed_before;
+  const uint64_t epoch = read_epoch(ctx, layout, failed_before);
   const int channel = blockIdx.x / 2;
   const bool is_sender = blockIdx.x % 2 == 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warps_per_rank = kBlockWarps / ctx.num_ranks;
 
-  if (start_rendezvous(ctx, layout, epoch)) {
+  if (start_rendezvous(ctx, layout, epoch, args.signature, failed_before)) {
     const WarpGroup group{warp / warps_per_rank, warp % warps_per_rank, warps_per_rank, lane};
     if (group.peer < ctx.num_ranks) {
       if (is_sender)
@@ -528,13 +515,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) combine_kernel(Context ctx, 
   const CombineSlot slot(int64_t(args.hidden) * 2, args.num_topk);
   const BufferLayout layout(ctx.num_ranks, args.num_channels, args.num_slots, slot.bytes());
   __shared__ int s_flags[kMaxRanks];
-  const uint64_t epoch = read_epoch(ctx, layout);
+  bool failed_before;
+  const uint64_t epoch = read_epoch(ctx, layout, failed_before);
   const int channel = blockIdx.x / 2;
   const bool is_sender = blockIdx.x % 2 == 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int warps_per_rank = kBlockWarps / ctx.num_ranks;
 
-  if (start_rendezvous(ctx, layout, epoch)) {
+  if (start_rendezvous(ctx, layout, epoch, args.signature, failed_before)) {
     if (is_sender) {
       const WarpGroup group{warp / warps_per_rank, warp % warps_per_rank, warps_per_rank, lane};
       if (group.peer < ctx.num_ranks) combine_send(ctx, args, layout, epoch, channel, group, &s_flags[group.peer]);
@@ -574,6 +562,11 @@ void check_context(const Context& ctx) {
     EP_HOST_ASSERT(ctx.buffers[r] != nullptr, "the NVLink buffer of rank " + std::to_string(r) + " is not open");
 }
 
+void check_signature(uint32_t signature) {
+  EP_HOST_ASSERT(signature < kSignatureLimit, "a call signature must be below 2^31 (the top values are reserved), got " +
+                                                  std::to_string(signature));
+}
+
 void check_channels(int num_channels, int num_slots) {
   EP_HOST_ASSERT(num_channels >= 1 && num_channels <= kMaxChannels,
                  "intranode kernels support 1 to " + std::to_string(kMaxChannels) +
@@ -586,6 +579,7 @@ void check_channels(int num_channels, int num_slots) {
 void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stream) {
   check_context(ctx);
   check_channels(args.num_channels, args.num_slots);
+  check_signature(args.signature);
   EP_HOST_ASSERT(args.num_local_experts >= 0 && args.num_local_experts <= kMaxLocalExperts,
                  "intranode kernels support up to " + std::to_string(kMaxLocalExperts) +
                      " experts per rank, got " + std::to_string(args.num_local_experts));
@@ -597,6 +591,7 @@ void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stre
 void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t stream) {
   check_context(ctx);
   check_channels(args.num_channels, args.num_slots);
+  check_signature(args.signature);
   EP_HOST_ASSERT(args.hidden_bytes > 0 && args.hidden_bytes % kVectorBytes == 0,
                  "a row must be a positive multiple of 16 bytes, got " + std::to_string(args.hidden_bytes));
   EP_HOST_ASSERT(args.num_topk >= 0 && args.num_topk <= kMaxTopk, "top-k must be <= 32");
@@ -608,6 +603,7 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t 
 void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t stream) {
   check_context(ctx);
   check_channels(args.num_channels, args.num_slots);
+  check_signature(args.signature);
   EP_HOST_ASSERT(args.hidden > 0 && (int64_t(args.hidden) * 2) % kVectorBytes == 0,
                  "a bf16 row must be a positive multiple of 16 bytes, got hidden=" + std::to_string(args.hidden));
   EP_HOST_ASSERT(args.num_topk >= 0 && args.num_topk <= kMaxTopk, "top-k must be <= 32");

@@ -30,6 +30,13 @@ namespace intranode {
 constexpr int kNumMaxRanks = 8;
 constexpr int kNumMaxLocalExpertsHost = 1024;  // == kMaxLocalExperts in intranode_layout.cuh
 
+// Call signatures: every kernel publishes one in its start rendezvous (a digest of its kind and
+// the sizes that fix the ring layout, computed by Python) and every peer must publish the same.
+// They are below 2^31; a rank that recorded an error in an earlier kernel publishes
+// kSignaturePeerFailed instead, so its peers skip the call at once rather than time out.
+constexpr uint32_t kSignatureLimit = 0x80000000u;
+constexpr uint32_t kSignaturePeerFailed = 0xFFFFFFFFu;
+
 // Host-mapped (cudaHostAllocMapped): notify writes the receive sizes here so the host learns them
 // without synchronising the device. `ready` goes 0 -> 1 after the other fields are written.
 struct RecvCounters {
@@ -55,7 +62,7 @@ struct NotifyArgs {
   int num_local_experts;
   int expert_alignment;
   int num_worst_tokens;              // 0, or the fixed row count the host allocated
-  uint32_t signature;                // all ranks must agree (sizes that fix the ring layout)
+  uint32_t signature;                // all ranks must agree (kind + sizes that fix the ring layout)
   RecvCounters* recv_counters;       // device view of the host-mapped counters, or nullptr
   int num_slots;                     // ring capacity (layout parameter)
   int64_t slot_bytes;                // ring slot size (layout parameter)
@@ -81,6 +88,7 @@ struct DispatchArgs {
   const int* recv_start;
   int num_channels;
   int num_slots;
+  uint32_t signature;                // all ranks must agree (kind + sizes that fix the ring layout)
   // outputs
   void* recv_x;                      // [num_recv_rows, hidden_bytes]
   float* recv_x_scales;              // [num_recv_rows, num_scales] or nullptr
@@ -103,6 +111,7 @@ struct CombineArgs {
   const int* recv_start;
   int num_channels;
   int num_slots;
+  uint32_t signature;                // all ranks must agree (kind + sizes that fix the ring layout)
   // outputs
   void* combined_x;                  // bf16 [num_tokens, hidden]
   float* combined_topk_weights;      // [num_tokens, num_topk] or nullptr

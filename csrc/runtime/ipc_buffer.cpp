@@ -163,10 +163,21 @@ std::string IpcBuffer::error_message() const {
   if (s.code == kErrorInvalidInput && s.phase == kPhaseNotify && s.peer < 0) {
     os << "ep_comm rank " << s.rank << " received " << s.detail
        << " tokens in dispatch, more than num_worst_tokens; raise num_worst_tokens";
-  } else if (s.code == kErrorInvalidInput && s.phase == kPhaseNotify) {
-    os << "ep_comm rank " << s.rank << " and rank " << s.peer
-       << " called dispatch with different hidden sizes, dtypes, top-k, scales or Config (signature "
-       << s.detail << " from the peer); every rank must pass the same shapes and config";
+  } else if (s.code == kErrorInvalidInput && s.phase == kPhaseBarrier && s.peer >= 0) {
+    // The start rendezvous of a kernel: detail = (this rank's signature << 32) | the peer's.
+    const auto mine = static_cast<std::uint32_t>(static_cast<unsigned long long>(s.detail) >> 32);
+    const auto theirs = static_cast<std::uint32_t>(static_cast<unsigned long long>(s.detail) & 0xffffffffull);
+    if (theirs == intranode::kSignaturePeerFailed) {
+      os << "ep_comm rank " << s.rank << " skipped an intranode call because rank " << s.peer
+         << " had already failed in an earlier call (see rank " << s.peer
+         << "'s error: e.g. more rows than num_worst_tokens, a timeout, or mismatched arguments)";
+    } else {
+      os << "ep_comm rank " << s.rank << " and rank " << s.peer
+         << " launched different intranode calls, or the same call with different arguments: every rank must "
+            "call dispatch / cached dispatch / combine in the same order, with the same hidden size, dtype, "
+            "top-k, FP8 scales, with or without topk_weights, and the same Config (call signature "
+         << mine << " here, " << theirs << " on rank " << s.peer << ")";
+    }
   } else {
     os << describe_error(s);
   }

@@ -14,8 +14,12 @@ up to half of it. `num_max_nvl_chunked_send_tokens` is not used by these kernels
 Failures: a device-side timeout or a mismatch between ranks is recorded in a host-mapped slot and
 raised as RuntimeError (naming rank, phase and peer) at the next host wait or the next call; the
 buffer is unusable afterwards on every rank, so all ranks must destroy their Buffers and create
-new ones. `destroy()` must be called by all ranks after their last communication call (a peer may
-still be writing into this rank's buffer otherwise); interpreter exit destroys what is left.
+new ones. Every kernel (notify, dispatch, cached dispatch, combine) checks in its start rendezvous
+that all ranks launched the same kind of call with the same ring layout (`_signature`), and a rank
+that failed earlier (e.g. received more rows than num_worst_tokens) tells its peers there, so they
+skip the call instead of timing out. `destroy()` must be called by all ranks after their last
+communication call (a peer may still be writing into this rank's buffer otherwise); interpreter
+exit destroys what is left.
 """
 from __future__ import annotations
 
@@ -60,9 +64,13 @@ class _IntranodeState:
     num_recv_tokens: Optional[int]  # None in num_worst_tokens mode (never read back to the host)
 
 
-def _signature(*values: int) -> int:
-    """32-bit digest of the sizes that fix the ring layout; notify checks all ranks agree."""
-    return zlib.crc32(",".join(str(int(v)) for v in values).encode())
+def _signature(kind: str, *values) -> int:
+    """Digest of a call's kind and the sizes that fix its ring layout. Every kernel publishes it in
+    its start rendezvous and every peer must publish the same, else all report a mismatch naming
+    each other and skip the call. Deterministic (crc32 of the text, no hash seeds) and below 2^31:
+    the device reserves the top values (kSignaturePeerFailed)."""
+    text = kind + ":" + ",".join(str(int(v)) for v in values)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
@@ -183,6 +191,7 @@ class IntranodeBackend(Backend):
             num_channels = state.num_channels
             topk_idx = topk_weights = None
             num_topk = 0
+            with_weights = False
             num_local_experts = 0
             num_rows = handle.num_recv_rows
             num_worst = handle.num_worst_tokens
@@ -192,6 +201,7 @@ class IntranodeBackend(Backend):
             topk_idx = args.topk_idx.contiguous()
             topk_weights = args.topk_weights.contiguous() if args.topk_weights is not None else None
             num_topk = topk_idx.shape[1]
+            with_weights = topk_weights is not None
             num_experts = args.num_tokens_per_expert.numel()
             num_local_experts = num_experts // num_ranks
             max_local = self._C.INTRANODE_MAX_LOCAL_EXPERTS
@@ -199,9 +209,15 @@ class IntranodeBackend(Backend):
                 raise ValueError(f"the intranode kernels support up to {max_local} experts per rank, got "
                                  f"{num_local_experts} ({num_experts} experts over {num_ranks} ranks)")
             num_worst = args.num_worst_tokens
+            if num_worst == 0 and torch.cuda.is_current_stream_capturing():
+                # The host would wait for receive counts that a capture never produces.
+                raise RuntimeError("dispatch without num_worst_tokens reads the receive counts on the host, so it "
+                                   "cannot be captured in a CUDA graph: pass num_worst_tokens > 0, or capture a "
+                                   "cached dispatch (handle=...)")
 
         slot_bytes = self._C.intranode_dispatch_slot_bytes(hidden_bytes, num_scales, num_topk)
         self._check_fits("dispatch", num_channels, num_slots, slot_bytes, max(hidden_bytes, hidden * 2))
+        layout_fields = (hidden_bytes, num_scales, num_topk, with_weights, num_channels, num_slots, num_local_experts)
 
         if not cached:
             is_token_in_rank = args.is_token_in_rank.contiguous()
@@ -212,11 +228,10 @@ class IntranodeBackend(Backend):
                 recv_start=torch.empty(num_ranks * num_channels + 1, dtype=torch.int32, device=self._device),
                 is_token_in_rank=is_token_in_rank, num_channels=num_channels, num_recv_tokens=None)
             report_to_host = num_worst == 0
-            signature = _signature(hidden_bytes, num_scales, num_topk, num_channels, num_slots, num_local_experts)
             buffer.notify(_ptr(is_token_in_rank), _ptr(num_tokens_per_expert), num_tokens, num_channels,
-                          num_local_experts, args.expert_alignment, num_worst, signature, report_to_host, num_slots,
-                          slot_bytes, _ptr(state.channel_pos), _ptr(state.send_count), _ptr(state.recv_start),
-                          timeout_s, stream)
+                          num_local_experts, args.expert_alignment, num_worst, _signature("notify", *layout_fields),
+                          report_to_host, num_slots, slot_bytes, _ptr(state.channel_pos), _ptr(state.send_count),
+                          _ptr(state.recv_start), timeout_s, stream)
             if report_to_host:
                 num_recv, per_expert_list = buffer.wait_recv_counts(num_local_experts, timeout_s)
                 state.num_recv_tokens = num_recv
@@ -235,7 +250,8 @@ class IntranodeBackend(Backend):
         buffer.dispatch(_ptr(x), _ptr(scales), _ptr(topk_idx), _ptr(topk_weights), num_tokens, hidden_bytes, num_scales,
                         num_topk, num_local_experts, _ptr(state.is_token_in_rank), _ptr(state.channel_pos),
                         _ptr(state.send_count), _ptr(state.recv_start), num_channels, num_slots, _ptr(recv_x),
-                        _ptr(recv_x_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights), num_rows, timeout_s, stream)
+                        _ptr(recv_x_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights), num_rows,
+                        _signature("cached-dispatch" if cached else "dispatch", *layout_fields), timeout_s, stream)
 
         if cached:
             return DispatchOutput(recv_x, recv_x_scales, None, None, None, args.handle)
@@ -273,7 +289,8 @@ class IntranodeBackend(Backend):
         buffer.combine(_ptr(x), _ptr(weights), _ptr(bias0), _ptr(bias1), num_tokens, hidden, num_topk,
                        _ptr(state.is_token_in_rank), _ptr(state.channel_pos), _ptr(state.send_count),
                        _ptr(state.recv_start), num_channels, num_slots, _ptr(combined_x), _ptr(combined_weights),
-                       self.ctx.timeout_s, self._stream())
+                       _signature("combine", hidden * 2, num_topk, num_channels, num_slots), self.ctx.timeout_s,
+                       self._stream())
         return combined_x, combined_weights
 
     # ---- teardown --------------------------------------------------------------------------------

@@ -7,10 +7,15 @@ the reference). Copies must match bit for bit; combine (a float reduction) withi
 
 Without MPS the ranks' kernels time-slice the GPU, so sizes stay small. With MPS, keep
 world * num_sms below the SM count: all blocks of all ranks must be resident together.
+
+Kernel-only cases: CUDA-graph capture of the no-host-sync path (num_worst_tokens dispatch,
+combine, cached dispatch) replayed with new data; cross-rank mismatches and a num_worst_tokens
+overflow reported on every rank at once (not after a device timeout); a timeout naming its peer.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -176,3 +181,183 @@ def _timeout_body(rank, world, group, seed):
 @kernel_only
 def test_intranode_timeout_names_rank_phase_and_peer():
     run_ranks(_timeout_body, 2, seed=SEED, timeout_s=300)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+def _graph_step(buffer, rank, x, idx, w, x2, num_experts, num_worst, config):
+    """The no-host-sync path as a model would capture it: layout, num_worst_tokens dispatch, an
+    "expert" (elementwise, on the device), combine with the received weights, cached dispatch."""
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+    recv_x, recv_idx, recv_w, per_expert_list, handle, _ = buffer.dispatch(
+        x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert, num_worst_tokens=num_worst, config=config)
+    y = (recv_x.float() * (0.5 + rank) + 0.25).bfloat16()
+    combined_x, combined_w, _ = buffer.combine(y, handle, topk_weights=recv_w, config=config)
+    cached_x = buffer.dispatch(x2, handle=handle, config=config)[0]
+    # Everything made during a capture stays referenced (the handle's layout tensors and y are
+    # what the replays read and write).
+    return dict(recv_x=recv_x, recv_topk_idx=recv_idx, recv_topk_weights=recv_w, per_expert_list=per_expert_list,
+                combined_x=combined_x, combined_topk_weights=combined_w, cached_x=cached_x, handle=handle, y=y,
+                layout=(per_rank, per_expert, in_rank))
+
+
+def _check_graph_step(tag, got, reference, rank, x, idx, w, x2, num_experts, num_worst, seed):
+    """Same step on the reference backend (CPU copies), compared with `got`."""
+    want = _graph_step(reference, rank, x, idx, w, x2, num_experts, num_worst, None)
+    for name in ("recv_x", "recv_topk_idx", "recv_topk_weights", "cached_x"):
+        exact(f"{tag} {name}", got[name], want[name], seed)
+    assert list(got["per_expert_list"]) == [] == list(want["per_expert_list"]), tag
+    close(f"{tag} combined_x", got["combined_x"], want["combined_x"], seed)
+    close(f"{tag} combined_topk_weights", got["combined_topk_weights"], want["combined_topk_weights"], seed)
+
+
+def _graph_body(rank, world, group, seed):
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    device = setup_device(rank)
+    config = CONFIGS[0]
+    kernels = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    reference = ep_comm.Buffer(group, backend="reference")
+    num_experts = 4 * world
+    num_topk = min(6, num_experts)
+    num_tokens = _tokens(rank, world, 40)  # static shapes: the same token count at every replay
+    num_worst = sum(_tokens(r, world, 40) for r in range(world))  # a rank can never receive more
+
+    def inputs(it):
+        case = make_inputs(seed + it, rank, num_tokens, HIDDEN, num_topk, num_experts, masked_fraction=0.2)
+        return case.x, case.topk_idx, case.topk_weights, (case.x.float() * -1.5 + 0.5).bfloat16()
+
+    first = inputs(0)
+    static = [t.to(device) for t in first]  # x, topk_idx, topk_weights, x2: captured by address
+
+    try:
+        # Warm up (and check) eagerly on a side stream, as torch asks before capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eager = _graph_step(kernels, rank, *static, num_experts, num_worst, config)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        kernels.check_errors()
+        _check_graph_step(f"rank {rank} eager", eager, reference, rank, *first, num_experts, num_worst, seed)
+        dist.barrier(group)
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # captures on torch's side stream; Buffer forks its comm stream
+            captured = _graph_step(kernels, rank, *static, num_experts, num_worst, config)
+        torch.cuda.synchronize()
+        dist.barrier(group)
+
+        for it in range(1, 5):
+            data = inputs(it)
+            for dst, src in zip(static, data):
+                dst.copy_(src)
+            if it == 3:
+                # An eager step between replays: the epoch lives on the device, so replays go on
+                # from wherever eager calls left it (on every rank alike).
+                _graph_step(kernels, rank, *static, num_experts, num_worst, config)
+            graph.replay()
+            torch.cuda.synchronize()
+            kernels.check_errors()
+            _check_graph_step(f"rank {rank} replay {it}", captured, reference, rank, *data, num_experts, num_worst,
+                              seed)
+        del graph, captured
+        torch.cuda.synchronize()
+        dist.barrier(group)
+    finally:
+        kernels.destroy()
+        reference.destroy()
+
+
+@kernel_only
+@pytest.mark.parametrize("world", [2, 4])
+def test_intranode_cuda_graph_replays_match_reference(world):
+    run_ranks(_graph_body, world, seed=SEED + 31 * world, timeout_s=600)
+
+
+# ---- cross-rank errors reported everywhere, without a timeout ------------------------------------
+
+_FAST_S = 15.0  # the device timeout in these tests is 60 s: an error seen sooner was not a timeout
+
+
+def _raise_pending(buffer):
+    synchronize()
+    with pytest.raises(RuntimeError) as info:
+        buffer.check_errors()
+    return str(info.value)
+
+
+def _mismatch_body(rank, world, group, seed):
+    """Rank 0 combines with topk_weights, the others without: the combine rings disagree. Every
+    rank must report the mismatch at combine's start rendezvous, naming a peer."""
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    device = setup_device(rank)
+    config = CONFIGS[0]
+    num_experts = 4 * world
+    inputs = make_inputs(seed, rank, 24, HIDDEN, 4, num_experts)
+    x, idx, w = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    try:
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                                                          is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                                                          config=config)
+        synchronize()
+        dist.barrier(group)
+        start = time.monotonic()
+        try:
+            buffer.combine(recv_x, handle, topk_weights=recv_w if rank == 0 else None, config=config)
+        except RuntimeError:
+            pass  # the error may already be raised here; check_errors below raises it again (sticky)
+        message = _raise_pending(buffer)
+        elapsed = time.monotonic() - start
+        assert "launched different intranode calls" in message and "rank" in message, message
+        assert elapsed < _FAST_S, f"mismatch took {elapsed:.1f} s to surface: {message}"
+        dist.barrier(group)
+    finally:
+        buffer.destroy()
+
+
+@kernel_only
+@pytest.mark.parametrize("world", [2, 3])
+def test_intranode_mismatch_is_reported_by_every_rank(world):
+    run_ranks(_mismatch_body, world, seed=SEED + 7, timeout_s=300)
+
+
+def _overflow_body(rank, world, group, seed):
+    """Rank 0 passes num_worst_tokens=1 and receives more rows: it reports that in notify, and its
+    dispatch tells every peer at the start rendezvous, so all ranks fail fast (no timeout)."""
+    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    device = setup_device(rank)
+    config = CONFIGS[0]
+    num_experts = 4 * world
+    inputs = make_inputs(seed, rank, 24, HIDDEN, 4, num_experts)
+    x, idx, w = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    try:
+        per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+        synchronize()
+        dist.barrier(group)
+        start = time.monotonic()
+        try:
+            recv_x, _, _, _, handle, _ = buffer.dispatch(
+                x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, num_worst_tokens=1 if rank == 0 else world * 24, config=config)
+            buffer.combine(recv_x, handle, config=config)
+        except RuntimeError:
+            pass  # raised after launching dispatch or combine; check_errors below raises it again
+        message = _raise_pending(buffer)
+        elapsed = time.monotonic() - start
+        if rank == 0:
+            assert "more than num_worst_tokens" in message, message
+        else:
+            assert "because rank 0 had already failed" in message, message
+        assert elapsed < _FAST_S, f"the overflow took {elapsed:.1f} s to surface: {message}"
+        dist.barrier(group)
+    finally:
+        buffer.destroy()
+
+
+@kernel_only
+def test_intranode_worst_tokens_overflow_fails_every_rank_fast():
+    run_ranks(_overflow_body, 3, seed=SEED + 11, timeout_s=300)

@@ -54,6 +54,13 @@ __device__ __forceinline__ T* at(void* base, int64_t offset) {
 // Bounded waits
 // ---------------------------------------------------------------------------------------------
 
+// Records an error in the host-mapped slot (first one wins) and sets this rank's sticky device
+// flag, which the next kernel publishes to its peers in place of its signature.
+__device__ __forceinline__ void report_failure(const Context& ctx, int code, int phase, int peer, long long detail) {
+  report_error(ctx.error_slot, code, ctx.rank, phase, peer, detail);
+  ptx::st_relaxed_gpu(at<unsigned int>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()), 1u);
+}
+
 // How often a spinning thread also looks at the (host-mapped, slow to read) error slot, so that
 // once one thread of this rank gave up the others stop too instead of each waiting a full timeout.
 constexpr int kErrorPollInterval = 4096;
@@ -68,7 +75,7 @@ __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, ui
     const uint64_t value = ptx::ld_acquire_sys(reinterpret_cast<const unsigned long long*>(word));
     if (tag_matches(value, epoch) && uint32_t(value) >= target) return int64_t(uint32_t(value));
     if (spin_timed_out(start, ctx.timeout_ns)) {
-      report_timeout(ctx.error_slot, ctx.rank, phase, peer, target);
+      report_failure(ctx, kErrorTimeout, phase, peer, target);
       return -1;
     }
     if (iter % kErrorPollInterval == 0 && error_reported(ctx.error_slot)) return -1;
@@ -84,47 +91,81 @@ __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, ui
 // this rank's communication kernels; every rank launches the same sequence, so the numbers agree.
 
 // The epoch of the kernel now starting (all blocks read the same value: it only changes when the
-// last block of the kernel finishes).
-__device__ __forceinline__ uint64_t read_epoch(const Context& ctx, const BufferLayout& layout) {
+// last block of the kernel finishes), and whether an earlier kernel of this rank failed (the
+// sticky device flag; read in the same breath, so it costs no extra latency).
+__device__ __forceinline__ uint64_t read_epoch(const Context& ctx, const BufferLayout& layout, bool& failed_before) {
   __shared__ uint64_t s_epoch;
-  if (threadIdx.x == 0)
+  __shared__ unsigned int s_failed;
+  if (threadIdx.x == 0) {
     s_epoch = ptx::ld_relaxed_gpu(at<unsigned long long>(ctx.buffers[ctx.rank], layout.epoch_offset())) + 1;
+    s_failed = ptx::ld_relaxed_gpu(at<unsigned int>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()));
+  }
   __syncthreads();
+  failed_before = s_failed != 0;
   return s_epoch;
 }
 
 // Rendezvous of this block with the kernel of the same epoch on every peer. Publishing
-// started[me] = epoch tells peers that all of this rank's earlier kernels have finished (stream
-// order), so nobody reads or writes what they use in a peer's buffer any more; waiting until every
-// peer published the epoch tells the same about them. After it, a block may freely write into peer
-// buffers: what it writes can only be consumed by this epoch's kernels. Returns false (in every
-// thread) after a timeout.
-__device__ __forceinline__ bool start_rendezvous(const Context& ctx, const BufferLayout& layout,
-                                                 uint64_t epoch) {
-  bool failed = false;
+// started[epoch parity][me] = (epoch, signature) tells peers that all of this rank's earlier
+// kernels have finished (stream order), so nobody reads or writes what they use in a peer's buffer
+// any more; waiting until every peer published the epoch tells the same about them. After it, a
+// block may freely write into peer buffers: what it writes can only be consumed by this epoch's
+// kernels.
+//
+// The signature (see kSignatureLimit) makes every kernel check that all ranks launched the same
+// kind of call with the same ring layout: on a mismatch both sides report an invalid-input error
+// naming the peer and skip the work, before any ring is touched. A rank whose earlier kernel
+// failed publishes kSignaturePeerFailed, so its peers skip too instead of timing out on it (the
+// host launches a kernel before raising a recorded error, see bindings/intranode.cpp, so the
+// kernel after the failing one does carry the news). Healthy ranks are at most one kernel apart
+// (a rank's next rendezvous needs every peer's word of that next epoch), so the slot of this
+// epoch's parity holds this epoch's word until it is read; only a failed rank, which stops
+// waiting once its error slot is set, can run further ahead, and its later words all say
+// "failed". A late block of the failing kernel itself may already read the flag and overwrite
+// this epoch's word with "failed": that only makes peers give up sooner on a call that failed.
+// Returns false (in every thread) if the work must be skipped.
+__device__ __forceinline__ bool start_rendezvous(const Context& ctx, const BufferLayout& layout, uint64_t epoch,
+                                                 uint32_t signature, bool failed_before) {
+  bool failed = failed_before;
   if (threadIdx.x < ctx.num_ranks) {
     const int peer = threadIdx.x;
-    ptx::st_release_sys(at<unsigned long long>(ctx.buffers[peer], layout.started_offset(ctx.rank)),
-                        static_cast<unsigned long long>(epoch));
-    const auto* started = at<unsigned long long>(ctx.buffers[ctx.rank], layout.started_offset(peer));
+    const uint32_t published = failed_before ? kSignaturePeerFailed : signature;
+    ptx::st_release_sys(at<unsigned long long>(ctx.buffers[peer], layout.started_offset(epoch, ctx.rank)),
+                        static_cast<unsigned long long>(make_tagged(epoch, published)));
+    const auto* started = at<unsigned long long>(ctx.buffers[ctx.rank], layout.started_offset(epoch, peer));
     const long long start = global_timer_ns();
-    for (int iter = 1; ptx::ld_acquire_sys(started) < epoch; ++iter) {
+    bool arrived = false;
+    uint64_t word = 0;
+    for (int iter = 1;; ++iter) {
+      word = ptx::ld_acquire_sys(started);
+      // A failed peer leaves its rendezvous early (its error poll) and may run ahead, writing
+      // this parity slot again with a later epoch: a "failed" word of a later epoch counts too.
+      if (tag_matches(word, epoch) ||
+          (uint32_t(word) == kSignaturePeerFailed && int32_t(uint32_t(word >> 32) - uint32_t(epoch)) > 0)) {
+        arrived = true;
+        break;
+      }
       if (spin_timed_out(start, ctx.timeout_ns)) {
-        report_timeout(ctx.error_slot, ctx.rank, kPhaseBarrier, peer, static_cast<long long>(epoch));
-        failed = true;
+        report_failure(ctx, kErrorTimeout, kPhaseBarrier, peer, static_cast<long long>(epoch));
         break;
       }
-      if (iter % kErrorPollInterval == 0 && error_reported(ctx.error_slot)) {
-        failed = true;
-        break;
-      }
+      if (iter % kErrorPollInterval == 0 && error_reported(ctx.error_slot)) break;
+    }
+    if (!arrived) {
+      failed = true;
+    } else if (!failed_before && uint32_t(word) != signature) {
+      // detail: this rank's signature in the high half, the peer's in the low half.
+      report_failure(ctx, kErrorInvalidInput, kPhaseBarrier, peer,
+                     static_cast<long long>((uint64_t(signature) << 32) | (word & 0xffffffffull)));
+      failed = true;
     }
   }
   // An error recorded by an earlier kernel of this rank (sticky: the host raises it at its next
-  // call, but kernels queued before that still run) means the buffer is out of step: e.g. notify
-  // found a peer with another ring layout, or more rows than num_worst_tokens (then combine would
-  // read x past its rows). Do nothing then; peers time out and report. Checked by a thread that
-  // does not spin above, so the (slow) host-mapped read overlaps the wait.
+  // call, but kernels queued before that still run) means the buffer is out of step: e.g. more
+  // rows than num_worst_tokens (then combine would read x past its rows). The device flag above
+  // covers errors of intranode kernels; this host-mapped read (by a thread that does not spin
+  // above, so it overlaps the wait) is a second line of defence. Peers were told through the
+  // published signature when the flag was set; otherwise they time out and report.
   if (threadIdx.x == blockDim.x - 1 && threadIdx.x >= ctx.num_ranks && error_reported(ctx.error_slot))
     failed = true;
   return !__syncthreads_or(failed);

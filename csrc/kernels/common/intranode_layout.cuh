@@ -7,11 +7,13 @@
 //
 // One rank's buffer (all offsets in bytes from its base, every region 128-byte aligned):
 //
-//   local state   epoch (u64), finished-block count (u32)      written by this rank only
-//   started[R]    u64: the epoch of the latest kernel peer p has started (written by p)
+//   local state   epoch (u64), finished-block count (u32), failed flag (u32)   this rank only
+//   started[2][R] u64 [epoch parity][peer p]: (epoch << 32) | p's call signature, written by p
+//                 when its kernel of that epoch starts (tagged)
 //   notify        u64 [R src][kMaxChannels] tokens src sends me in channel c     (tagged)
 //                 u64 [R src][kMaxLocalExperts] src's tokens for my local expert e (tagged)
-//                 u64 [R src]              src's call signature                  (tagged)
+//                 u64 [R src]              reserved (was notify's signature; signatures now
+//                                          travel in `started`, checked by every kernel)
 //   ring tails    u64 [R writer][kMaxChannels] slots `writer` has filled in ring (writer -> me, c)
 //   ring heads    u64 [R reader][kMaxChannels] slots `reader` has drained from ring (me -> reader, c)
 //   ring slots    [R writer][C][num_slots][slot_bytes]   payload of ring (writer -> me, c)
@@ -108,16 +110,13 @@ struct BufferLayout {
   EP_HOST_DEVICE int64_t local_state_begin() const { return 0; }
   EP_HOST_DEVICE int64_t started_begin() const { return local_state_begin() + kRegionAlign; }
   EP_HOST_DEVICE int64_t notify_channel_begin() const {
-    return started_begin() + align_up(int64_t(num_ranks) * 8, kRegionAlign);
+    return started_begin() + align_up(int64_t(2) * num_ranks * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t notify_expert_begin() const {
     return notify_channel_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kRegionAlign);
   }
-  EP_HOST_DEVICE int64_t notify_signature_begin() const {
-    return notify_expert_begin() + align_up(int64_t(num_ranks) * kMaxLocalExperts * 8, kRegionAlign);
-  }
   EP_HOST_DEVICE int64_t tail_begin() const {
-    return notify_signature_begin() + align_up(int64_t(num_ranks) * 8, kRegionAlign);
+    return notify_expert_begin() + align_up(int64_t(num_ranks) * kMaxLocalExperts * 8, kRegionAlign);
   }
   EP_HOST_DEVICE int64_t head_begin() const {
     return tail_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kRegionAlign);
@@ -133,15 +132,21 @@ struct BufferLayout {
   // -- individual words and slots ---------------------------------------------------------------
   EP_HOST_DEVICE int64_t epoch_offset() const { return local_state_begin(); }
   EP_HOST_DEVICE int64_t finished_blocks_offset() const { return local_state_begin() + 8; }
-  EP_HOST_DEVICE int64_t started_offset(int peer) const { return started_begin() + int64_t(peer) * 8; }
+  // u32, 0 until a kernel of this rank records an error (sticky, like the host-mapped error slot,
+  // but in device memory so that the next kernel reads it cheaply before its rendezvous). Its
+  // address depends on nothing (local_state_begin() is 0): code without a layout reaches it too.
+  static EP_HOST_DEVICE int64_t failed_offset() { return 16; }
+  // started[parity][peer]: a healthy peer can be at most one kernel ahead (its next rendezvous
+  // needs my word of that next epoch), so the slot of this epoch's parity is not overwritten
+  // before it is read (a failed peer may run ahead: see start_rendezvous).
+  EP_HOST_DEVICE int64_t started_offset(uint64_t epoch, int peer) const {
+    return started_begin() + (int64_t(epoch & 1) * num_ranks + peer) * 8;
+  }
   EP_HOST_DEVICE int64_t notify_channel_offset(int src, int channel) const {
     return notify_channel_begin() + (int64_t(src) * kMaxChannels + channel) * 8;
   }
   EP_HOST_DEVICE int64_t notify_expert_offset(int src, int local_expert) const {
     return notify_expert_begin() + (int64_t(src) * kMaxLocalExperts + local_expert) * 8;
-  }
-  EP_HOST_DEVICE int64_t notify_signature_offset(int src) const {
-    return notify_signature_begin() + int64_t(src) * 8;
   }
   EP_HOST_DEVICE int64_t tail_offset(int writer, int channel) const {
     return tail_begin() + (int64_t(writer) * kMaxChannels + channel) * 8;
