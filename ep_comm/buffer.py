@@ -300,7 +300,7 @@ class Buffer:
         num_recv_tokens_per_expert_list, handle, event). Rows are source-rank major, token ascending.
         With `handle` and no topk_idx (cached mode): (recv_x, None, None, None, None, event).
         """
-        backend = self._normal
+        backend = self._normal_for_transfer()
         cached = handle is not None
 
         def check() -> DispatchArgs:
@@ -361,7 +361,7 @@ class Buffer:
         x: bf16 [M, H], the rows dispatch returned (M = its recv rows). Returns (combined_x bf16 [N, H],
         combined_topk_weights float32 [N, K] | None, event). Deterministic: same inputs, same bits.
         """
-        backend = self._normal
+        backend = self._normal_for_transfer()
 
         def check():
             v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
@@ -382,6 +382,19 @@ class Buffer:
             lambda: backend.combine(x, handle, topk_weights, biases, cfg), [x, topk_weights, *biases],
             previous_event, async_finish, allocate_on_comm_stream, x.is_cuda)
         return combined_x, combined_weights, event
+
+    def _normal_for_transfer(self) -> Backend:
+        """The normal-mode backend for dispatch/combine. A kernel Buffer made without a buffer for
+        them refuses, rather than quietly moving GPU tensors through the slow reference path."""
+        self._check_alive()
+        if self.backend_kind == "kernels" and self._normal is self._reference:
+            hint = ("Buffer.get_dispatch_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks)"
+                    if self.ctx.num_nodes > 1 else
+                    "Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks)")
+            raise RuntimeError(f"this Buffer was created with num_nvl_bytes={self.num_nvl_bytes} and "
+                               f"num_rdma_bytes={self.num_rdma_bytes}: normal-mode dispatch/combine needs a buffer "
+                               f"for them; size it with {hint} (max with the combine config's hint)")
+        return self._normal
 
     def _check_handle(self, handle, kind: type) -> None:
         if not isinstance(handle, kind):
