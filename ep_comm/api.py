@@ -91,9 +91,10 @@ def dispatch(x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], topk_idx
     group = group if group is not None else dist.group.WORLD
     num_ranks = dist.get_world_size(group)
     hidden_bytes = payload.shape[-1] * max(payload.element_size(), 2) if isinstance(payload, torch.Tensor) else 0
-    num_nvl_bytes = max(Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks),
-                        Buffer.get_combine_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks))
-    buffer = get_buffer(group, num_nvl_bytes=num_nvl_bytes)
+    configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
+    num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)  # 0 in one node
+    buffer = get_buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes)
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
         buffer.get_dispatch_layout(topk_idx, num_experts)
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
