@@ -19,6 +19,7 @@ from ep_comm.event import EventOverlap
 
 _buffers: Dict[Tuple[int, bool], Buffer] = {}   # (id(group), low_latency) -> Buffer
 _buffers_by_id: Dict[int, Buffer] = {}
+_low_latency_sizes: Dict[int, Tuple[int, int, int]] = {}  # buffer id -> (T, H, E) of its last dispatch
 
 
 @dataclass
@@ -123,6 +124,12 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispat
     num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, x.shape[-1],
                                                            dist.get_world_size(group), num_experts)
     buffer = get_buffer(group, low_latency=True, num_rdma_bytes=num_rdma_bytes)
+    # Low-latency buffers are laid out for one (T, H, E); new sizes need a collective clean first,
+    # which every rank does here at the same call because the sizes are the same everywhere.
+    sizes = (num_max_dispatch_tokens_per_rank, x.shape[-1], num_experts)
+    if _low_latency_sizes.get(buffer._id, sizes) != sizes:
+        buffer.clean_low_latency_buffer(*sizes)
+    _low_latency_sizes[buffer._id] = sizes
     recv_x, recv_count, handle, event, hook = buffer.low_latency_dispatch(
         x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
         cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats, use_fp8=use_fp8,

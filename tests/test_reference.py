@@ -250,6 +250,8 @@ def _check_plain_functions(rank, world, seed):
     assert ll.recv_x_scales is None and ll.recv_count.tolist() == \
         expected_low_latency_dispatch(inputs, rank, num_experts).recv_count
     combined = ep_comm.low_latency_combine(ll.recv_x, mine.topk_idx, mine.topk_weights, ll.handle).combined_x
+    bigger = ep_comm.low_latency_dispatch(mine.x, mine.topk_idx, 32, num_experts, use_fp8=False)  # new (T, H, E)
+    assert bigger.recv_x.shape[1] == 32 * world and torch.equal(bigger.recv_count, ll.recv_count)
     want = expected_low_latency_combine(mine, lambda e, s, t: inputs[s].x[t], rank, num_experts, world)
     assert torch.equal(combined, want)
     assert ep_comm.get_buffer() is ep_comm.get_buffer()
