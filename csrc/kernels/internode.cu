@@ -852,11 +852,17 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
           p = sh.recv_base[n];
           for (int w = 0; w < warp; ++w) p += sh.recv_hit[w * N + n];
           const long long start = global_timer_ns();
+          unsigned spins = 0;
           while (!*abort && int(ld_acquire_u64(cm.buffer + lay.rdma_tail(n, c))) <= p) {
             if (spin_timed_out(start, cm.timeout_ns)) {
               report_timeout(cm.error_slot, cm.rank, kPhaseCombineRecv, n * L + my_local, t);
               *abort = 1;
             }
+            // A failure elsewhere (this kernel's sender/forwarder, another block) means the slot may
+            // never come: stop now rather than after the full timeout. The slot is host memory (a PCIe
+            // read), so look every 256 polls only. Setting abort keeps every receiver warp going
+            // through the round's named barriers (nobody leaves early).
+            if ((++spins & 255u) == 0 && error_reported(cm.error_slot)) *abort = 1;
           }
           const int seen = ld_volatile_i32(cm.buffer + lay.rdma_recv(n, c) + int64_t(p % capacity) * slot_bytes);
           if (seen != t && !*abort) {
