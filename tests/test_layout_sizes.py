@@ -48,9 +48,9 @@ def test_regions_are_ordered_aligned_and_disjoint():
         order = ["started", "notify_channel", "notify_expert", "tail", "head", "slots"]
         starts = [off[k] for k in order]
         assert all(s % 128 == 0 for s in starts), off
-        # Each region holds what the kernels put there: R u64 flags, R*C u64 counts, R*1024 expert
-        # counts, R signatures, R*C tails, R*C heads.
-        sizes = [ranks * 8, ranks * channels * 8, ranks * _C.INTRANODE_MAX_LOCAL_EXPERTS * 8, ranks * 8,
+        # Each region holds what the kernels put there: 2*R u64 rendezvous words (one per epoch
+        # parity), R*C u64 counts, R*1024 expert counts, R*C tails, R*C heads.
+        sizes = [2 * ranks * 8, ranks * channels * 8, ranks * _C.INTRANODE_MAX_LOCAL_EXPERTS * 8,
                  ranks * channels * 8, ranks * channels * 8]
         for begin, size, nxt in zip(starts, sizes, starts[1:]):
             assert begin + size <= nxt, off

@@ -161,6 +161,10 @@ def _timeout_body(rank, world, group, seed):
         assert "rank 0" in message and "barrier" in message and "peer" in message, message
         with pytest.raises(RuntimeError):  # the error is sticky: the buffer is out of step with its peers
             buffer.dispatch(x, topk_idx=idx, config=config, **layout)
+    # The raises above come from the host while this rank's notify kernels (the second one launched
+    # on purpose, to tell peers "failed") may still run and write into the peers' buffers: finish
+    # them before the barrier lets the peers free those buffers.
+    synchronize()
     dist.barrier(group)
     buffer.destroy()
 
