@@ -482,7 +482,8 @@ class Buffer:
         return combined, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """bf16 [E_local, R*T, H]: write expert outputs here, then combine with zero_copy=True."""
+        """bf16 [E_local, R*T, H]: write expert outputs here, then combine with zero_copy=True.
+        Every combine stages its rows in this area, so fill it after the previous combine was issued."""
         self._require_low_latency()
         self._check_alive()
         self._check_handle(handle, LowLatencyHandle)
