@@ -409,7 +409,9 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_recv_kernel(Common c, Di
     }
     if (tid == 0) {
       a.recv_count[local_expert] = total_rows;
-      if (a.cumulative_stats != nullptr) a.cumulative_stats[local_expert] += total_rows;
+      // Once per dispatch (block part 0, thread 0), but atomically: two receive kernels (two
+      // dispatches whose hooks run on different streams) may update the same counters at once.
+      if (a.cumulative_stats != nullptr) atomicAdd(a.cumulative_stats + local_expert, total_rows);
     }
   }
 

@@ -147,7 +147,8 @@ class LowLatencyBackend(Backend):
         seq = self._op_seq
         if seq - 2 in self._pending_receives:
             raise RuntimeError("the receive hook of the low-latency call before the previous one has not been called; "
-                               "at most two low-latency calls may await their hooks (the buffer has two halves)")
+                               "at most two low-latency calls may await their hooks (the buffer has two halves). "
+                               "Call that hook, or, if it is lost, clean_low_latency_buffer() on all ranks")
         self._op_seq += 1
         if return_recv_hook:
             self._pending_receives.add(seq)
@@ -329,14 +330,16 @@ class LowLatencyBackend(Backend):
 
 
 def _hook(receive: Callable[[], None]) -> Callable[[], None]:
-    """The receive half as a hook. Calling it twice would wait for data that never comes again."""
-    called = False
+    """The receive half as a hook. Calling it twice would wait for data that never comes again.
+
+    The hook drops `receive` (and with it the closure's tensors: x, topk_idx, the outputs) once it
+    has run, so a hook the caller keeps around does not pin that memory.
+    """
+    pending = [receive]
 
     def hook() -> None:
-        nonlocal called
-        if called:
+        if not pending:
             raise RuntimeError("a low-latency receive hook can be called only once")
-        called = True
-        receive()
+        pending.pop()()
 
     return hook

@@ -173,6 +173,11 @@ def _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed):
 
     sent = [buf.low_latency_dispatch(c.x, c.topk_idx, TOKENS, num_experts, use_fp8=True, return_recv_hook=True)
             for c in cases]
+    if not DRY_RUN:  # the reference keeps no count of pending hooks
+        # A third op would reuse the first op's half, whose receive never ran here: refused on the
+        # host (on every rank alike, nothing is launched) instead of timing out on the device.
+        with pytest.raises(RuntimeError, match="has not been called"):
+            buf.low_latency_dispatch(cases[0].x, cases[0].topk_idx, TOKENS, num_experts, use_fp8=True)
     for recv_x, recv_count, handle, event, hook in sent:
         assert hook is not None and event.event is None
         hook()
