@@ -108,7 +108,7 @@ class Buffer:
         self._normal: Backend = self._reference
         self._low_latency: Backend = self._reference
         self._comm_stream = None
-        self._last_async_low_latency: Optional["torch.cuda.Event"] = None
+        self._last_async_low_latency: Optional[Tuple["torch.cuda.Event", bool]] = None  # (event, captured)
         if use_gpu:
             self._comm_stream = torch.cuda.Stream(device=device, priority=-1)
             multi_node = self.ctx.num_nodes > 1
@@ -505,14 +505,21 @@ class Buffer:
     def _launch_low_latency(self, fn: Callable, inputs: Sequence, async_finish: bool, on_gpu: bool):
         """Low-latency calls run on the current stream (CUDA-graph friendly) unless async_finish asks
         for the communication stream and an event."""
-        if on_gpu and self._last_async_low_latency is not None and not torch.cuda.is_current_stream_capturing():
+        capturing = on_gpu and torch.cuda.is_current_stream_capturing()
+        if on_gpu and self._last_async_low_latency is not None:
             # The kernels count ops on the device: an op must not overtake an async one still queued
-            # on the communication stream, whether or not the caller waited for its event.
-            torch.cuda.current_stream().wait_event(self._last_async_low_latency)
+            # on the communication stream, whether or not the caller waited for its event. An event
+            # can only be waited on in the world it was recorded in (eager, or the same capture); one
+            # from a finished capture is covered by its graph, and an eager one before a capture is
+            # the caller's to wait for (docs/low_latency.md).
+            event, recorded_capturing = self._last_async_low_latency
+            if recorded_capturing == capturing:
+                torch.cuda.current_stream().wait_event(event)
             self._last_async_low_latency = None
         if async_finish:
             result, overlap = self._launch(fn, inputs, None, True, False, on_gpu)
-            self._last_async_low_latency = overlap.event
+            if overlap.event is not None:
+                self._last_async_low_latency = (overlap.event, capturing)
             return result, overlap
         return fn(), EventOverlap(None)
 
