@@ -291,9 +291,9 @@ def _raise_pending(buffer):
     return str(info.value)
 
 
-def _mismatch_body(rank, world, group, seed):
-    """Rank 0 combines with topk_weights, the others without: the combine rings disagree. Every
-    rank must report the mismatch at combine's start rendezvous, naming a peer."""
+def _failure_case(rank, world, group, seed):
+    """The small case the failure tests share: 24 tokens per rank, a short device timeout, a kernel
+    Buffer. Returns (x, topk_idx, topk_weights, num_experts, config, buffer)."""
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
     device = setup_device(rank)
     config = CONFIGS[0]
@@ -301,6 +301,13 @@ def _mismatch_body(rank, world, group, seed):
     inputs = make_inputs(seed, rank, 24, HIDDEN, 4, num_experts)
     x, idx, w = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
     buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    return x, idx, w, num_experts, config, buffer
+
+
+def _mismatch_body(rank, world, group, seed):
+    """Rank 0 combines with topk_weights, the others without: the combine rings disagree. Every
+    rank must report the mismatch at combine's start rendezvous, naming a peer."""
+    x, idx, w, num_experts, config, buffer = _failure_case(rank, world, group, seed)
     try:
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
         recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
@@ -331,13 +338,7 @@ def test_intranode_mismatch_is_reported_by_every_rank(world):
 def _overflow_body(rank, world, group, seed):
     """Rank 0 passes num_worst_tokens=1 and receives more rows: it reports that in notify, and its
     dispatch tells every peer at the start rendezvous, so all ranks fail fast (no timeout)."""
-    os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
-    device = setup_device(rank)
-    config = CONFIGS[0]
-    num_experts = 4 * world
-    inputs = make_inputs(seed, rank, 24, HIDDEN, 4, num_experts)
-    x, idx, w = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
-    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    x, idx, w, num_experts, config, buffer = _failure_case(rank, world, group, seed)
     try:
         per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
         synchronize()
