@@ -30,6 +30,9 @@ def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, bo
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
             body(rank, world, dist.group.WORLD, **kwargs)
+            # Tear down together: a rank destroying its gloo group while a peer still uses its
+            # connections can abort the peer ("terminate called without an active exception").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:
