@@ -1,7 +1,10 @@
-"""Access to the compiled extension ``ep_comm._C``, which may be absent.
+"""Access to the compiled extensions, which may be absent.
 
-The package works without it (the reference backend runs on torch.distributed), so nothing
-here raises on import: callers ask :func:`available` / :func:`gpu_available` and fall back.
+``ep_comm._C`` holds the CUDA kernels; ``ep_comm._C_emu`` holds the same kernel sources compiled
+for the host, run on CPU threads by the emulated device (../shared/EMULATOR.md). The package works
+without either (the reference backend runs on torch.distributed), so nothing here raises on
+import: callers ask :func:`available` / :func:`gpu_available` (or :func:`emulated_available`)
+and fall back.
 """
 
 from __future__ import annotations
@@ -15,14 +18,41 @@ import threading
 from types import ModuleType
 from typing import Callable, Optional
 
-__all__ = ["load", "available", "unavailable_reason", "gpu_available", "layout_function", "require"]
+__all__ = ["load", "available", "unavailable_reason", "gpu_available", "layout_function", "require",
+           "load_emulated", "emulated_available", "emulated_unavailable_reason", "require_emulated"]
 
 _logger = logging.getLogger("ep_comm")
-_lock = threading.Lock()
-_attempted = False
-_module: Optional[ModuleType] = None
-_reason = ""
 _warned = False
+
+
+class _Loader:
+    """Imports one extension module once (thread-safe) and remembers why it could not."""
+
+    def __init__(self, name: str, not_built: str, before_import: Optional[Callable[[], None]] = None) -> None:
+        self.name = name
+        self._not_built = not_built          # the reason when the module was never built
+        self._before_import = before_import
+        self._lock = threading.Lock()
+        self._attempted = False
+        self.module: Optional[ModuleType] = None
+        self.reason = ""
+
+    def load(self) -> Optional[ModuleType]:
+        if self._attempted:
+            return self.module
+        with self._lock:
+            if not self._attempted:
+                if self._before_import is not None:
+                    self._before_import()
+                try:
+                    self.module = importlib.import_module(self.name)
+                except ImportError as e:
+                    if isinstance(e, ModuleNotFoundError) and e.name == self.name:
+                        self.reason = self._not_built
+                    else:
+                        self.reason = f"importing {self.name} failed: {e}"
+                self._attempted = True
+        return self.module
 
 
 def _nvshmem_lib_dirs() -> list[str]:
@@ -52,31 +82,22 @@ def _preload_nvshmem() -> None:
                 continue
 
 
+_kernels = _Loader("ep_comm._C", "ep_comm was installed without its CUDA extension (no CUDA toolkit "
+                   "at build time, or EP_COMM_NO_CUDA=1); reinstall with nvcc on PATH", _preload_nvshmem)
+_emulated = _Loader("ep_comm._C_emu", "ep_comm was installed without its emulated device (ep_comm._C_emu, the "
+                    "kernels compiled for the host); reinstall with `pip install -e . --no-build-isolation`")
+
+
 def load() -> Optional[ModuleType]:
     """Import ``ep_comm._C`` once; the module, or None (see :func:`unavailable_reason`)."""
-    global _attempted, _module, _reason
-    if _attempted:
-        return _module
-    with _lock:
-        if not _attempted:
-            _preload_nvshmem()
-            try:
-                _module = importlib.import_module("ep_comm._C")
-            except ImportError as e:
-                if isinstance(e, ModuleNotFoundError) and e.name == "ep_comm._C":
-                    _reason = ("ep_comm was installed without its CUDA extension (no CUDA toolkit "
-                               "at build time, or EP_COMM_NO_CUDA=1); reinstall with nvcc on PATH")
-                else:
-                    _reason = f"importing ep_comm._C failed: {e}"
-            _attempted = True
-    return _module
+    return _kernels.load()
 
 
 def _warn_once() -> None:
     global _warned
     if not _warned:
         _warned = True
-        _logger.warning("ep_comm GPU kernels are unavailable: %s", _reason)
+        _logger.warning("ep_comm GPU kernels are unavailable: %s", _kernels.reason)
 
 
 def available() -> bool:
@@ -90,7 +111,7 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why :func:`load` returned None; empty when the extension is available."""
     load()
-    return _reason
+    return _kernels.reason
 
 
 def gpu_available() -> bool:
@@ -107,11 +128,14 @@ def gpu_available() -> bool:
 
 
 def layout_function(name: str) -> Optional[Callable]:
-    """``ep_comm._C.<name>`` if the extension is loaded and defines it, else None."""
+    """``ep_comm._C.<name>`` if the extension is loaded and defines it, else None. Without ``_C``,
+    the emulated build's function of that name: sizes come from the same sources in both."""
     mod = load()
     if mod is None:
         _warn_once()
-        return None
+        mod = load_emulated()
+        if mod is None:
+            return None
     return getattr(mod, name, None)
 
 
@@ -119,5 +143,31 @@ def require() -> ModuleType:
     """The extension, or RuntimeError saying why it is missing."""
     mod = load()
     if mod is None:
-        raise RuntimeError(f"ep_comm GPU kernels are unavailable: {_reason}")
+        raise RuntimeError(f"ep_comm GPU kernels are unavailable: {_kernels.reason}")
+    return mod
+
+
+# ---- the emulated device (opt-in: Buffer(backend="emulated") or EP_COMM_BACKEND=emulated) -----------
+
+def load_emulated() -> Optional[ModuleType]:
+    """Import ``ep_comm._C_emu`` once; the module, or None (see :func:`emulated_unavailable_reason`)."""
+    return _emulated.load()
+
+
+def emulated_available() -> bool:
+    """Whether the emulated device's extension imported (it needs no GPU)."""
+    return load_emulated() is not None
+
+
+def emulated_unavailable_reason() -> str:
+    """Why :func:`load_emulated` returned None; empty when it is available."""
+    load_emulated()
+    return _emulated.reason
+
+
+def require_emulated() -> ModuleType:
+    """``ep_comm._C_emu``, or RuntimeError saying why it is missing."""
+    mod = load_emulated()
+    if mod is None:
+        raise RuntimeError(f"the ep_comm emulated device is unavailable: {_emulated.reason}")
     return mod
