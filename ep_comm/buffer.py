@@ -16,17 +16,19 @@ import torch.distributed as dist
 from ep_comm import _ext
 from ep_comm import validation as v
 from ep_comm.backends import make_backend
+from ep_comm.backends.target import kernel_target
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, LowLatencyCombineArgs,
                                    LowLatencyDispatchArgs, LowLatencyHandle)
 from ep_comm.config import Config, combine_config, dispatch_config, low_latency_rdma_size_hint
 from ep_comm.event import EventOverlap
 
 _buffer_ids = itertools.count(1)
-_BACKEND_CHOICES = ("auto", "reference", "kernels")
+_BACKEND_CHOICES = ("auto", "reference", "kernels", "emulated")
 
 
 def _backend_choice(requested: Optional[str]) -> str:
-    """'reference' or 'kernels': the keyword wins, then EP_COMM_BACKEND, then what this machine can run."""
+    """'reference', 'kernels' or 'emulated': the keyword wins, then EP_COMM_BACKEND, then what this
+    machine can run ('auto' picks the kernels on a GPU, else the reference; never the emulator)."""
     choice = requested or os.environ.get("EP_COMM_BACKEND", "auto") or "auto"
     if choice not in _BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {_BACKEND_CHOICES}, got {choice!r}")
@@ -34,6 +36,9 @@ def _backend_choice(requested: Optional[str]) -> str:
         return "kernels" if _ext.gpu_available() and torch.cuda.is_available() else "reference"
     if choice == "kernels" and not (_ext.gpu_available() and torch.cuda.is_available()):
         raise RuntimeError(f"ep_comm kernels were requested but are unavailable: {_ext.unavailable_reason()}")
+    if choice == "emulated" and not _ext.emulated_available():
+        raise RuntimeError(f"the ep_comm emulated device was requested but is unavailable: "
+                           f"{_ext.emulated_unavailable_reason()}")
     return choice
 
 
@@ -66,9 +71,11 @@ class Buffer:
     """Communication buffers and methods for MoE dispatch/combine over one process group.
 
     Same constructor and methods as DeepEP's `deep_ep.Buffer`. The keyword-only `backend`
-    ('auto', 'reference', 'kernels'; default from EP_COMM_BACKEND, else 'auto') picks the
+    ('auto', 'reference', 'kernels', 'emulated'; default from EP_COMM_BACKEND, else 'auto') picks the
     implementation: kernels wherever the extension is built and a GPU is present, otherwise the
-    torch.distributed reference, which also accepts CPU tensors over a gloo group.
+    torch.distributed reference, which also accepts CPU tensors over a gloo group. 'emulated' (never
+    picked by 'auto') runs the kernels on the emulated device (ep_comm._C_emu) with CPU tensors:
+    intranode only so far; low-latency and multi-node Buffers raise NotImplementedError there.
     """
 
     num_sms: int = 20
@@ -93,6 +100,7 @@ class Buffer:
         self._destroyed = False
 
         use_gpu = self.backend_kind == "kernels"
+        use_kernels = self.backend_kind in ("kernels", "emulated")
         device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
         self.device = device
         self.ctx = BackendContext(
@@ -104,6 +112,14 @@ class Buffer:
             num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
             allow_mnnvl=allow_mnnvl, timeout_s=float(os.environ.get("EP_COMM_TIMEOUT_S", "100")))
 
+        multi_node = self.ctx.num_nodes > 1
+        target = kernel_target(self.backend_kind, device) if use_kernels else None
+        if target is not None:
+            # Every rank agreed on the mode above, so a family the target cannot run fails everywhere.
+            target.require_family("internode" if multi_node else "intranode")
+            if low_latency_mode:
+                target.require_family("low_latency")
+
         self._reference = make_backend("reference", self.ctx)
         self._normal: Backend = self._reference
         self._low_latency: Backend = self._reference
@@ -111,11 +127,11 @@ class Buffer:
         self._last_async_low_latency: Optional[Tuple["torch.cuda.Event", bool]] = None  # (event, captured)
         if use_gpu:
             self._comm_stream = torch.cuda.Stream(device=device, priority=-1)
-            multi_node = self.ctx.num_nodes > 1
+        if target is not None:
             if num_nvl_bytes > 0 or (multi_node and num_rdma_bytes > 0 and not low_latency_mode):
-                self._normal = make_backend("internode" if multi_node else "intranode", self.ctx)
+                self._normal = make_backend("internode" if multi_node else "intranode", self.ctx, target)
             if low_latency_mode:
-                self._low_latency = make_backend("low_latency", self.ctx)
+                self._low_latency = make_backend("low_latency", self.ctx, target)
 
     # ---- statics (DeepEP-compatible) -----------------------------------------------------------
     @staticmethod
@@ -230,7 +246,8 @@ class Buffer:
         return [r for r, f in enumerate(flags.tolist()) if f]
 
     def _device_of(self, backend: Backend) -> Optional[torch.device]:
-        """Device every tensor must be on: the buffer's GPU for kernels, any single device for the reference."""
+        """Device every tensor must be on: the buffer's GPU for kernels, the CPU for the emulated
+        device, any single device for the reference."""
         return None if backend is self._reference else self.device
 
     def _launch(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap], async_finish: bool,
@@ -387,7 +404,7 @@ class Buffer:
         """The normal-mode backend for dispatch/combine. A kernel Buffer made without a buffer for
         them refuses, rather than quietly moving GPU tensors through the slow reference path."""
         self._check_alive()
-        if self.backend_kind == "kernels" and self._normal is self._reference:
+        if self.backend_kind in ("kernels", "emulated") and self._normal is self._reference:
             hint = ("Buffer.get_dispatch_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks)"
                     if self.ctx.num_nodes > 1 else
                     "Buffer.get_dispatch_config(num_ranks).get_nvl_buffer_size_hint(hidden_bytes, num_ranks)")

@@ -2,7 +2,9 @@
 
 Python owns every tensor it returns and passes raw pointers, sizes and the current stream to
 `ep_comm._C`; the C++ runtime owns the NVLink buffer (csrc/runtime/ipc_buffer.*), the kernels live
-in csrc/kernels/intranode.cu (protocol summary in csrc/kernels/intranode.hpp).
+in csrc/kernels/intranode.cu (protocol summary in csrc/kernels/intranode.hpp). The same backend
+runs the same kernels on the emulated device (`ep_comm._C_emu`, CPU tensors) when given that
+KernelTarget (backends/target.py): every op then ends with a synchronize of the emulated device.
 
 Channels: `Config.num_sms / 2` channels; each is one sender and one receiver block (2 * channels
 blocks in all, 768 threads each). A channel owns a contiguous range of this rank's tokens, which
@@ -24,16 +26,17 @@ exit destroys what is left.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from ep_comm import _ext
 from ep_comm.backends.base import Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput
+from ep_comm.backends.target import KernelTarget, cuda_target
 from ep_comm.config import Config
 
 # Backends still holding a buffer at interpreter exit. atexit runs while CUDA is still alive,
@@ -80,11 +83,17 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 class IntranodeBackend(Backend):
     name = "intranode"
 
-    def __init__(self, ctx: BackendContext) -> None:
+    def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
+        """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        self._C = _ext.require()
-        if ctx.device.type != "cuda":
-            raise ValueError(f"the intranode backend needs a CUDA device, got {ctx.device}")
+        if target is None:
+            if ctx.device.type != "cuda":
+                raise ValueError(f"the intranode backend needs a CUDA device, got {ctx.device}")
+            target = cuda_target(ctx.device)
+        elif ctx.device.type != target.device.type:
+            raise ValueError(f"this Buffer's device is {ctx.device}, but the intranode kernels run on {target.device}")
+        self._target = target
+        self._C = target.module
         if ctx.num_nodes != 1:
             raise ValueError(f"the intranode backend serves ranks of one node; this group spans {ctx.num_nodes} "
                              "nodes (use the internode backend)")
@@ -92,8 +101,7 @@ class IntranodeBackend(Backend):
         if ctx.num_ranks > max_ranks:
             raise ValueError(f"the intranode backend supports up to {max_ranks} ranks in one NVLink domain, "
                              f"got {ctx.num_ranks}")
-        self._device = ctx.device if ctx.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self._num_device_sms = torch.cuda.get_device_properties(self._device).multi_processor_count
+        self._device = target.device
         self._buffer = None
         self._destroyed = False
         if ctx.num_nvl_bytes > 0:
@@ -103,7 +111,7 @@ class IntranodeBackend(Backend):
     # ---- setup -----------------------------------------------------------------------------------
     def _open_buffer(self):
         ctx = self.ctx
-        buffer = self._C.IntranodeBuffer(ctx.rank, ctx.num_ranks, self._device.index, ctx.num_nvl_bytes)
+        buffer = self._C.IntranodeBuffer(ctx.rank, ctx.num_ranks, self._target.device_index, ctx.num_nvl_bytes)
         handles: List[Optional[bytes]] = [None] * ctx.num_ranks
         dist.all_gather_object(handles, buffer.ipc_handle(), group=ctx.group)
         error = None
@@ -134,7 +142,16 @@ class IntranodeBackend(Backend):
         return self._buffer
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self._device).cuda_stream
+        return self._target.stream()
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        """Wraps the body of every op: at its end, raised or not, the target's after_op runs (on the
+        emulator, a synchronize) while the op's locals (contiguous copies, outputs) are still alive."""
+        try:
+            yield
+        finally:
+            self._target.after_op()
 
     def _num_channels(self, config: Config) -> int:
         num_channels = config.num_sms // 2
@@ -146,9 +163,9 @@ class IntranodeBackend(Backend):
 
     def _check_fits(self, what: str, num_channels: int, num_slots: int, slot_bytes: int, hidden_bytes: int) -> None:
         """Refuse, before any launch, a call the buffer cannot hold, or one the GPU cannot co-schedule."""
-        if 2 * num_channels > self._num_device_sms:
+        if 2 * num_channels > self._target.num_sms:
             raise ValueError(f"{what} with {num_channels} channels needs {2 * num_channels} SMs resident at once, "
-                             f"but {self._device} has {self._num_device_sms}; lower Config.num_sms")
+                             f"but {self._target.description} has {self._target.num_sms}; lower Config.num_sms")
         needed = self._C.intranode_layout_bytes(self.ctx.num_ranks, num_channels, num_slots, slot_bytes)
         if needed > self.ctx.num_nvl_bytes:
             hint = self._C.intranode_buffer_bytes(hidden_bytes, self.ctx.num_ranks, num_channels, num_slots)
@@ -160,6 +177,10 @@ class IntranodeBackend(Backend):
 
     # ---- layout ----------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        with self._op():
+            return self._get_dispatch_layout(topk_idx, num_experts)
+
+    def _get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         num_ranks = self.ctx.num_ranks
         topk = topk_idx.contiguous()
         num_tokens, num_topk = topk.shape
@@ -168,11 +189,15 @@ class IntranodeBackend(Backend):
         is_token_in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=self._device)
         self._C.get_dispatch_layout(_ptr(topk), num_tokens, num_topk, num_ranks, num_experts, num_ranks,
                                     _ptr(num_tokens_per_rank), 0, _ptr(num_tokens_per_expert), _ptr(is_token_in_rank),
-                                    self._device.index, self._stream())
+                                    self._target.device_index, self._stream())
         return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank
 
     # ---- dispatch --------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
+        with self._op():
+            return self._dispatch(args)
+
+    def _dispatch(self, args: DispatchArgs) -> DispatchOutput:
         buffer = self._require_buffer("dispatch")
         num_ranks = self.ctx.num_ranks
         timeout_s = self.ctx.timeout_s
@@ -211,7 +236,7 @@ class IntranodeBackend(Backend):
                 raise ValueError(f"the intranode kernels support up to {max_local} experts per rank, got "
                                  f"{num_local_experts} ({num_experts} experts over {num_ranks} ranks)")
             num_worst = args.num_worst_tokens
-            if num_worst == 0 and torch.cuda.is_current_stream_capturing():
+            if num_worst == 0 and self._target.is_capturing():
                 # The host would wait for receive counts that a capture never produces.
                 raise RuntimeError("dispatch without num_worst_tokens reads the receive counts on the host, so it "
                                    "cannot be captured in a CUDA graph: pass num_worst_tokens > 0, or capture a "
@@ -265,6 +290,11 @@ class IntranodeBackend(Backend):
     # ---- combine ---------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias: List[torch.Tensor], config: Config):
+        with self._op():
+            return self._combine(x, handle, topk_weights, bias, config)
+
+    def _combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
+                 bias: List[torch.Tensor], config: Config):
         buffer = self._require_buffer("combine")
         if handle.backend != self.name:
             raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
