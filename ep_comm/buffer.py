@@ -20,7 +20,7 @@ from ep_comm.backends.target import kernel_target
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, LowLatencyCombineArgs,
                                    LowLatencyDispatchArgs, LowLatencyHandle)
 from ep_comm.config import Config, combine_config, dispatch_config, low_latency_rdma_size_hint
-from ep_comm.event import EventOverlap
+from ep_comm.event import EventOverlap, event_to_wait_for
 
 _buffer_ids = itertools.count(1)
 _BACKEND_CHOICES = ("auto", "reference", "kernels", "emulated")
@@ -258,10 +258,9 @@ class Buffer:
             return result, EventOverlap(None)
         compute = torch.cuda.current_stream()
         comm = self._comm_stream
-        if previous_event is not None:
-            event = previous_event.event if isinstance(previous_event, EventOverlap) else previous_event
-            if event is not None:
-                comm.wait_event(event)
+        event = event_to_wait_for(previous_event)
+        if event is not None:
+            comm.wait_event(event)
         else:
             comm.wait_stream(compute)
         with torch.cuda.stream(comm):

@@ -31,3 +31,16 @@ class EventOverlap:
 
     def __repr__(self) -> str:
         return f"EventOverlap(event={'set' if self.event is not None else None})"
+
+
+def event_to_wait_for(previous_event) -> Optional["torch.cuda.Event"]:
+    """The event a call's communication stream waits for before it starts, or None when it must
+    wait for the current compute stream instead (DeepEP's default).
+
+    previous_event: None, a torch.cuda.Event, or an EventOverlap. An EventOverlap without an event
+    (what every call returns that already finished, e.g. with async_finish=False) orders nothing,
+    so it counts as None: waiting on it would leave the comm stream unordered with the compute
+    stream that produced the inputs.
+    """
+    return previous_event.event if isinstance(previous_event, EventOverlap) else previous_event
+

@@ -2,6 +2,8 @@
 async/event arguments on CPU. Multi-rank behaviour lives in test_reference.py."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -43,6 +45,39 @@ def test_events_without_cuda():
     with event as same:
         assert same is event
     event.current_stream_wait()
+
+
+class _RecordingStream:
+    """Stands in for a torch.cuda.Stream: records what it was made to wait for."""
+
+    def __init__(self) -> None:
+        self.waited = []
+
+    def wait_event(self, event) -> None:
+        self.waited.append(("event", event))
+
+    def wait_stream(self, stream) -> None:
+        self.waited.append(("stream", stream))
+
+
+def test_comm_stream_waits_for_compute_unless_given_an_event(monkeypatch):
+    """DeepEP: without previous_event the communication stream waits for the current (compute)
+    stream. EventOverlap(None), what every call that already finished returns, must count as no
+    event: waiting on nothing would let the kernels read inputs the compute stream is still writing."""
+    compute, comm = _RecordingStream(), _RecordingStream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args, **kwargs: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    buffer = Buffer.__new__(Buffer)  # only _launch's stream logic is exercised: no group, no GPU
+    buffer._comm_stream = comm
+    event = object()
+    for previous, want in ((None, ("stream", compute)), (EventOverlap(None), ("stream", compute)),
+                           (EventOverlap(event), ("event", event)), (event, ("event", event))):
+        comm.waited.clear()
+        result, overlap = buffer._launch(lambda: "ran", [], previous, async_finish=False,
+                                         allocate_on_comm_stream=False, on_gpu=True)
+        assert result == "ran" and overlap.event is None
+        assert comm.waited == [want], (previous, comm.waited)
+        assert compute.waited[-1] == ("stream", comm)  # not async: the caller's stream waits for the call
 
 
 def test_backend_choice(monkeypatch):
