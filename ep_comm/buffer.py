@@ -385,6 +385,7 @@ class Buffer:
             self._check_handle(handle, DispatchHandle)
             v.check_tensor("x", x, torch.bfloat16, shape=[handle.num_recv_rows, None], device=device)
             v.check_row_alignment(x)
+            v.check_base_alignment("x", x)
             if topk_weights is not None:
                 v.check_tensor("topk_weights", topk_weights, torch.float32, shape=[handle.num_recv_rows, None],
                                device=x.device)
@@ -451,6 +452,7 @@ class Buffer:
                 raise ValueError(f"use_ue8m0 packs 4 scales per int32, so hidden must be a multiple of "
                                  f"{v.UE8M0_BLOCK}, got {hidden}")
             v.check_row_alignment(x)
+            v.check_base_alignment("x", x)
             v.check_topk_idx(topk_idx, num_experts, num_tokens, x.device, distinct=True)
             if cumulative_local_expert_recv_stats is not None:
                 v.check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
@@ -484,10 +486,12 @@ class Buffer:
             rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
             v.check_tensor("x", x, torch.bfloat16,
                            shape=[handle.num_experts // self.group_size, rows, handle.hidden], device=device)
+            v.check_base_alignment("x", x)
             v.check_topk_idx(topk_idx, handle.num_experts, handle.num_tokens, x.device, distinct=True)
             v.check_topk_weights(topk_weights, topk_idx, x.device)
             if out is not None:
                 v.check_tensor("out", out, torch.bfloat16, shape=[handle.num_tokens, handle.hidden], device=x.device)
+                v.check_base_alignment("out", out)
             if async_finish and return_recv_hook:
                 raise ValueError("async_finish and return_recv_hook cannot both be set: the hook is the receive")
             return LowLatencyCombineArgs(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out)

@@ -102,9 +102,12 @@ def split_x(x: XInput, device: Optional[torch.device] = None, allow_fp8: bool = 
         check_tensor("x[1] (scales)", scales, torch.float32, shape=[payload.shape[0], hidden // FP8_BLOCK],
                      device=device)
         check_row_alignment(payload)
+        check_base_alignment("x[0]", payload)
+        # The scales are read as single floats, and a float32 view always starts 4-byte aligned.
         return payload, scales
     check_tensor("x", x, torch.bfloat16, ndim=2, device=device)
     check_row_alignment(x)
+    check_base_alignment("x", x)
     return x, None
 
 
@@ -114,6 +117,26 @@ def check_row_alignment(x: torch.Tensor) -> None:
     if row_bytes % 16 != 0:
         raise ValueError(f"a row of x must be a multiple of 16 bytes; hidden={x.shape[1]} of {x.dtype} "
                          f"is {row_bytes} bytes")
+
+
+VECTOR_BYTES = 16  # kernels load and store rows as int4
+
+
+def check_base_alignment(name: str, t: torch.Tensor) -> None:
+    """The first row of `t`, as the kernels will read it, starts on a 16-byte boundary.
+
+    Kernels receive `t.contiguous().data_ptr()`. A non-contiguous tensor is copied into a fresh
+    (aligned) allocation there, but a contiguous view that starts inside a row of a larger tensor
+    (`big[1:].view(n, h)`, a slice at an odd element offset) keeps its address, and a 16-byte
+    vector access at a misaligned address traps the whole CUDA context. Refused here, before any
+    kernel runs."""
+    if t.numel() == 0 or not t.is_contiguous():
+        return
+    offset = t.data_ptr() % VECTOR_BYTES
+    if offset != 0:
+        raise ValueError(f"{name} must start on a {VECTOR_BYTES}-byte boundary (the kernels use {VECTOR_BYTES}-byte "
+                         f"vector accesses), but its data starts at address mod {VECTOR_BYTES} = {offset} (a view "
+                         f"at storage offset {t.storage_offset()}); pass a copy ({name}.clone())")
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> None:
@@ -131,6 +154,7 @@ def check_bias(bias, num_tokens: int, hidden: int, device: Optional[torch.device
     items = [b for b in items if b is not None]
     for i, b in enumerate(items):
         check_tensor(f"bias[{i}]", b, torch.bfloat16, shape=[num_tokens, hidden], device=device)
+        check_base_alignment(f"bias[{i}]", b)
     return items
 
 

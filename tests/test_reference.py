@@ -14,6 +14,7 @@ from ep_comm import fp8
 from ep_comm.testing import (calc_diff, expected_combine, expected_dispatch, expected_low_latency_combine,
                              expected_low_latency_dispatch, make_inputs)
 from dist import run_ranks
+from test_validation import misaligned
 
 HIDDEN = 512
 SEED = 20261123
@@ -216,6 +217,20 @@ def _check_bad_inputs(rank, world, seed):
     raises(ValueError, "twice", lambda: other.low_latency_dispatch(inp.x, twice, 8, num_experts))
     raises(RuntimeError, "low_latency_mode", lambda: buffer.low_latency_dispatch(inp.x, inp.topk_idx, 8, num_experts))
 
+    # Contiguous views that start off a 16-byte boundary (the kernels' vector accesses would trap).
+    raises(ValueError, r"x must start on a 16-byte boundary.*mod 16 = 2", lambda: buffer.dispatch(
+        misaligned(inp.x), topk_idx=inp.topk_idx, **layout))
+    raises(ValueError, r"x\[0\] must start.*mod 16 = 1", lambda: buffer.dispatch(
+        (misaligned(inp.x.float().to(torch.float8_e4m3fn)), torch.ones(8, HIDDEN // 128)), topk_idx=inp.topk_idx,
+        **layout))
+    raises(ValueError, r"x must start.*mod 16 = 2", lambda: buffer.combine(misaligned(rows), handle))
+    raises(ValueError, r"bias\[0\] must start.*mod 16 = 2", lambda: buffer.combine(rows, handle, bias=misaligned(inp.x)))
+    raises(ValueError, r"x must start.*mod 16 = 2", lambda: other.low_latency_dispatch(
+        misaligned(inp.x), inp.topk_idx, 8, num_experts))
+    ll_x, _, ll_handle, _, _ = other.low_latency_dispatch(inp.x, inp.topk_idx, 8, num_experts, use_fp8=False)
+    raises(ValueError, r"out must start.*mod 16 = 2", lambda: other.low_latency_combine(
+        ll_x, inp.topk_idx, inp.topk_weights, ll_handle, out=misaligned(torch.zeros(8, HIDDEN, dtype=torch.bfloat16))))
+
     # A bad input on rank 0 only: rank 0 gets its ValueError, the others a RuntimeError naming rank 0.
     if world > 1:
         mine = bad_idx if rank == 0 else inp.topk_idx
@@ -223,6 +238,10 @@ def _check_bad_inputs(rank, world, seed):
             raises(ValueError, "num_experts is", lambda: buffer.dispatch(inp.x, topk_idx=mine, **layout))
         else:
             raises(RuntimeError, r"rank\(s\) \[0\] rejected", lambda: buffer.dispatch(inp.x, topk_idx=mine, **layout))
+        # Misaligned on rank 0 only: refused before anything is sent, on every rank.
+        x = misaligned(inp.x) if rank == 0 else inp.x
+        raises(ValueError if rank == 0 else RuntimeError, "16-byte boundary" if rank == 0 else r"\[0\] rejected",
+               lambda: buffer.dispatch(x, topk_idx=inp.topk_idx, **layout))
 
     # Buffers that differ across ranks are refused on every rank.
     if world > 1:
