@@ -1,11 +1,14 @@
-"""What the GPU tests share: the skip marker, device setup, comparisons, a fail-fast rank runner,
-and the dry run.
+"""What the GPU tests share: the mode they run in, the skip markers, device setup, comparisons, and
+a fail-fast rank runner.
 
-Dry run (EP_COMM_TEST_DRY_RUN=1): the tests run on CPU with the reference backend standing in for
-the kernels ("kernels" Buffers are made with backend=KERNELS), so their own logic (argument names,
-tuple arity, shapes, dtypes, hook and handle plumbing) is exercised without a GPU. Cases that only
-make sense for kernels (device timeouts, CUDA graphs, buffer-size refusals, kernel-only error
-messages) are skipped there. The library never reads this variable; only these tests do.
+Mode (KERNELS, the backend name the tests give their kernel Buffers):
+  * "kernels": a CUDA GPU and the built ep_comm._C are here; tensors live on cuda:(rank % GPUs).
+  * "emulated": no GPU, but the emulated device ep_comm._C_emu imports (or EP_COMM_TEST_EMULATED=1
+    asks for it on a GPU machine): the same kernel code runs on CPU threads with CPU tensors, so
+    plain `python -m pytest tests` runs these tests in CI. What the emulator cannot mean (CUDA
+    graphs, see ../shared/EMULATOR.md "What it cannot catch") is skipped there, with its reason.
+  * neither: every GPU test skips.
+The library never reads EP_COMM_TEST_EMULATED; only these tests do.
 
 Imported as `from common import ...`: pytest puts tests/gpu on sys.path (rootdir-relative
 "prepend" import, no __init__.py), and spawned ranks inherit the parent's sys.path.
@@ -13,7 +16,7 @@ Imported as `from common import ...`: pytest puts tests/gpu on sys.path (rootdir
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -22,31 +25,53 @@ from ep_comm import _ext
 from ep_comm.testing import calc_diff
 from dist import run_ranks as dist_run_ranks
 
-DRY_RUN = os.environ.get("EP_COMM_TEST_DRY_RUN", "0") not in ("", "0")
-KERNELS = "reference" if DRY_RUN else "kernels"
+
+def _mode() -> Optional[str]:
+    if os.environ.get("EP_COMM_TEST_EMULATED", "0") not in ("", "0"):
+        return "emulated"  # asked for: a missing _C_emu then fails the tests instead of skipping them
+    if _ext.gpu_available() and torch.cuda.is_available():
+        return "kernels"
+    if _ext.emulated_available():
+        return "emulated"
+    return None
+
+
+MODE = _mode()
+KERNELS = MODE or "kernels"
+EMULATED = MODE == "emulated"
 
 # Device waits give up after this many seconds in the GPU tests (the library's default is 100 s, and
 # tests/dist.py would otherwise set it to the whole test timeout): a hang costs a minute, not ten.
 DEVICE_TIMEOUT_S = "60"
 
-# Every GPU test module sets `pytestmark = GPU_TEST`.
+# Every GPU test module sets `pytestmark = GPU_TEST` (plus the families' own skips below).
 GPU_TEST = [pytest.mark.gpu,
-            pytest.mark.skipif(not (DRY_RUN or _ext.gpu_available()),
-                               reason="needs a CUDA GPU and the built ep_comm._C (or EP_COMM_TEST_DRY_RUN=1)")]
+            pytest.mark.skipif(MODE is None, reason="needs a CUDA GPU and the built ep_comm._C, or the emulated "
+                                                    f"device ep_comm._C_emu ({_ext.emulated_unavailable_reason()})")]
 
-kernel_only = pytest.mark.skipif(DRY_RUN, reason="kernel-only behaviour: not part of the dry run")
+needs_gpu = pytest.mark.skipif(EMULATED, reason="CUDA graphs need a GPU")
+
+
+def not_emulated_yet(families: str):
+    """Skip a whole family the emulator does not run yet (module-level: `pytestmark = [*GPU_TEST, ...]`)."""
+    return pytest.mark.skipif(EMULATED, reason=f"the emulator does not run the {families} kernels yet")
 
 
 def setup_device(rank: int) -> torch.device:
-    """This rank's device: cuda:(rank % device_count), made current; cpu in a dry run."""
-    if DRY_RUN:
+    """This rank's device: cuda:(rank % device_count), made current; the CPU on the emulator
+    (every rank process is its own emulated device 0)."""
+    if EMULATED:
         return torch.device("cpu")
     torch.cuda.set_device(rank % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
 
 
 def synchronize() -> None:
-    if not DRY_RUN:
+    """Wait for this rank's device: every stream of the GPU, or of the emulated device (which also
+    raises RuntimeError for a fault the emulator detected: deadlock, divergent warp collective)."""
+    if EMULATED:
+        _ext.require_emulated().synchronize()
+    else:
         torch.cuda.synchronize()
 
 

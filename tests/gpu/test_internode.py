@@ -20,10 +20,10 @@ import ep_comm
 from ep_comm import fp8
 from ep_comm.config import Config
 from ep_comm.testing import make_inputs
-from common import (DEVICE_TIMEOUT_S, DRY_RUN, GPU_TEST, KERNELS, close, exact, run_ranks, setup_device, split,
-                    synchronize)
+from common import (DEVICE_TIMEOUT_S, GPU_TEST, KERNELS, close, exact, not_emulated_yet, run_ranks, setup_device,
+                    split, synchronize)
 
-pytestmark = GPU_TEST
+pytestmark = [*GPU_TEST, not_emulated_yet("internode")]
 
 HIDDEN = 256
 SEED = 20261125
@@ -142,20 +142,19 @@ def _body(rank, world, group, ranks_per_node, seed):
     device = setup_device(rank)
     num_rdma_bytes = max(max(cfg.get_rdma_buffer_size_hint(HIDDEN * 2, world) for cfg in CONFIGS), 1)
     kernels = ep_comm.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, backend=KERNELS)
-    assert DRY_RUN or kernels._normal.name == "internode", kernels._normal.name
+    assert kernels._normal.name == "internode", kernels._normal.name
     assert kernels.get_num_rdma_ranks() == world // ranks_per_node
     reference = ep_comm.Buffer(group, backend="reference")
     for i, config in enumerate(CONFIGS):
         _check_config(rank, world, kernels, reference, config, seed + i, device)
-    if not DRY_RUN:
-        # A buffer too small for a call is refused on the host, before any launch, naming the size.
-        big = Config(num_sms=8, num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
-        mine = make_inputs(seed, rank, 4, HIDDEN, 2, 4 * world)
-        layout = kernels.get_dispatch_layout(mine.topk_idx.to(device), 4 * world)[:4]
-        with pytest.raises(RuntimeError, match="num_rdma_bytes >="):
-            kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), config=big,
-                             num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
-                             num_tokens_per_expert=layout[2], is_token_in_rank=layout[3])
+    # A buffer too small for a call is refused on the host, before any launch, naming the size.
+    big = Config(num_sms=8, num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
+    mine = make_inputs(seed, rank, 4, HIDDEN, 2, 4 * world)
+    layout = kernels.get_dispatch_layout(mine.topk_idx.to(device), 4 * world)[:4]
+    with pytest.raises(RuntimeError, match="num_rdma_bytes >="):
+        kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), config=big,
+                         num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                         num_tokens_per_expert=layout[2], is_token_in_rank=layout[3])
     synchronize()
     kernels.check_errors()
     dist.barrier(group)

@@ -8,6 +8,9 @@ the reference). Copies must match bit for bit; combine (a float reduction) withi
 Without MPS the ranks' kernels time-slice the GPU, so sizes stay small. With MPS, keep
 world * num_sms below the SM count: all blocks of all ranks must be resident together.
 
+Without a GPU the same tests run the same kernels on the emulated device (common.py: KERNELS is
+"emulated", tensors are on the CPU), CUDA graphs excepted.
+
 Kernel-only cases: CUDA-graph capture of the no-host-sync path (num_worst_tokens dispatch,
 combine, cached dispatch) replayed with new data; cross-rank mismatches and a num_worst_tokens
 overflow reported on every rank at once (not after a device timeout); a timeout naming its peer.
@@ -25,7 +28,7 @@ import ep_comm
 from ep_comm import fp8
 from ep_comm.config import Config
 from ep_comm.testing import make_inputs
-from common import (DEVICE_TIMEOUT_S, DRY_RUN, GPU_TEST, KERNELS, close, exact, kernel_only, run_ranks, setup_device,
+from common import (DEVICE_TIMEOUT_S, EMULATED, GPU_TEST, KERNELS, close, exact, needs_gpu, run_ranks, setup_device,
                     split, synchronize)
 
 pytestmark = GPU_TEST
@@ -122,7 +125,7 @@ def _body(rank, world, group, seed):
     nvl_bytes = max(c.get_nvl_buffer_size_hint(HIDDEN * 2, world) for c in CONFIGS)
     kernels = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     reference = ep_comm.Buffer(group, backend="reference")
-    assert DRY_RUN or kernels._normal.name == "intranode", kernels._normal.name
+    assert kernels._normal.name == "intranode", kernels._normal.name
     try:
         # Several calls on one buffer: the buffer must be reusable without any clean-up.
         for i, config in enumerate(CONFIGS + CONFIGS[:1]):
@@ -151,7 +154,7 @@ def _timeout_body(rank, world, group, seed):
     x, idx = inputs.x.to(device), inputs.topk_idx.to(device)
 
     os.environ["EP_COMM_TIMEOUT_S"] = "3"
-    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend="kernels")
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
     if rank == 0:
@@ -169,7 +172,7 @@ def _timeout_body(rank, world, group, seed):
     buffer.destroy()
 
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
-    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend="kernels")
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     try:
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, config=config, **layout)
         combined, _, _ = buffer.combine(recv_x, handle, config=config)
@@ -182,7 +185,6 @@ def _timeout_body(rank, world, group, seed):
         buffer.destroy()
 
 
-@kernel_only
 def test_intranode_timeout_names_rank_phase_and_peer():
     run_ranks(_timeout_body, 2, seed=SEED, timeout_s=300)
 
@@ -220,7 +222,7 @@ def _graph_body(rank, world, group, seed):
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
     device = setup_device(rank)
     config = CONFIGS[0]
-    kernels = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    kernels = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend=KERNELS)
     reference = ep_comm.Buffer(group, backend="reference")
     num_experts = 4 * world
     num_topk = min(6, num_experts)
@@ -273,7 +275,7 @@ def _graph_body(rank, world, group, seed):
         reference.destroy()
 
 
-@kernel_only
+@needs_gpu
 @pytest.mark.parametrize("world", [2, 4])
 def test_intranode_cuda_graph_replays_match_reference(world):
     run_ranks(_graph_body, world, seed=SEED + 31 * world, timeout_s=600)
@@ -300,7 +302,7 @@ def _failure_case(rank, world, group, seed):
     num_experts = 4 * world
     inputs = make_inputs(seed, rank, 24, HIDDEN, 4, num_experts)
     x, idx, w = inputs.x.to(device), inputs.topk_idx.to(device), inputs.topk_weights.to(device)
-    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend="kernels")
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend=KERNELS)
     return x, idx, w, num_experts, config, buffer
 
 
@@ -329,7 +331,6 @@ def _mismatch_body(rank, world, group, seed):
         buffer.destroy()
 
 
-@kernel_only
 @pytest.mark.parametrize("world", [2, 3])
 def test_intranode_mismatch_is_reported_by_every_rank(world):
     run_ranks(_mismatch_body, world, seed=SEED + 7, timeout_s=300)
@@ -363,6 +364,5 @@ def _overflow_body(rank, world, group, seed):
         buffer.destroy()
 
 
-@kernel_only
 def test_intranode_worst_tokens_overflow_fails_every_rank_fast():
     run_ranks(_overflow_body, 3, seed=SEED + 11, timeout_s=300)

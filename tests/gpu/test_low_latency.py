@@ -25,9 +25,9 @@ import torch.distributed as dist
 import ep_comm
 from ep_comm import fp8
 from ep_comm.testing import calc_diff, make_inputs
-from common import DRY_RUN, GPU_TEST, KERNELS, run_ranks, setup_device, synchronize
+from common import GPU_TEST, KERNELS, not_emulated_yet, run_ranks, setup_device, synchronize
 
-pytestmark = GPU_TEST
+pytestmark = [*GPU_TEST, not_emulated_yet("low-latency")]
 
 SEED = 20261124
 TOKENS = 16          # num_max_dispatch_tokens_per_rank
@@ -173,11 +173,10 @@ def _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed):
 
     sent = [buf.low_latency_dispatch(c.x, c.topk_idx, TOKENS, num_experts, use_fp8=True, return_recv_hook=True)
             for c in cases]
-    if not DRY_RUN:  # the reference keeps no count of pending hooks
-        # A third op would reuse the first op's half, whose receive never ran here: refused on the
-        # host (on every rank alike, nothing is launched) instead of timing out on the device.
-        with pytest.raises(RuntimeError, match="has not been called"):
-            buf.low_latency_dispatch(cases[0].x, cases[0].topk_idx, TOKENS, num_experts, use_fp8=True)
+    # A third op would reuse the first op's half, whose receive never ran here: refused on the
+    # host (on every rank alike, nothing is launched) instead of timing out on the device.
+    with pytest.raises(RuntimeError, match="has not been called"):
+        buf.low_latency_dispatch(cases[0].x, cases[0].topk_idx, TOKENS, num_experts, use_fp8=True)
     for recv_x, recv_count, handle, event, hook in sent:
         assert hook is not None and event.event is None
         hook()
@@ -189,9 +188,8 @@ def _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed):
         hook()
     for j, (out, _, _) in enumerate(combined):
         _check_combine(f"rank {rank} hook combine {j}", out, wants[j][2])
-    if not DRY_RUN:  # the reference's hooks are plain closures
-        with pytest.raises(RuntimeError, match="only once"):
-            combined[0][2]()
+    with pytest.raises(RuntimeError, match="only once"):
+        combined[0][2]()
 
 
 def _check_back_to_back(rank, world, buf, ref, num_experts, num_topk, seed):
@@ -297,9 +295,8 @@ def _check_relayout(rank, world, buf, ref, seed):
     num_experts = 2 * world
     num_topk = min(3, num_experts)
     case = _Case(seed + 400, rank, world, TOKENS_2, HIDDEN_2, num_topk, num_experts)
-    if not DRY_RUN:  # the reference has no fixed layout
-        with pytest.raises(ValueError, match="clean_low_latency_buffer"):
-            buf.low_latency_dispatch(case.x, case.topk_idx, TOKENS_2, num_experts, use_fp8=False)
+    with pytest.raises(ValueError, match="clean_low_latency_buffer"):
+        buf.low_latency_dispatch(case.x, case.topk_idx, TOKENS_2, num_experts, use_fp8=False)
     buf.clean_low_latency_buffer(TOKENS_2, HIDDEN_2, num_experts)
     rows = world * TOKENS_2
     y = _expert_outputs(seed + 400, rank, num_experts // world, rows, HIDDEN_2)
@@ -310,10 +307,9 @@ def _check_relayout(rank, world, buf, ref, seed):
     out, _, _ = buf.low_latency_combine(y.to(_DEVICE), case.topk_idx, case.topk_weights, handle)
     _check_combine(f"rank {rank} relayout combine", out, want[2])
 
-    if not DRY_RUN:  # the reference has no buffer to outgrow
-        huge = 1 << 16
-        with pytest.raises(ValueError, match="num_rdma_bytes >="):
-            buf.clean_low_latency_buffer(huge, HIDDEN_2, num_experts)
+    huge = 1 << 16
+    with pytest.raises(ValueError, match="num_rdma_bytes >="):
+        buf.clean_low_latency_buffer(huge, HIDDEN_2, num_experts)
 
 
 def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
@@ -321,7 +317,7 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
     clean_low_latency_buffer brings the buffer back."""
     os.environ["EP_COMM_TIMEOUT_S"] = "3"
     size = ep_comm.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, num_experts)
-    short = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend="kernels")  # shares NVSHMEM
+    short = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS)  # shares NVSHMEM
     os.environ["EP_COMM_TIMEOUT_S"] = TIMEOUT_S
     case = _Case(seed + 500, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
     if rank != 0:
@@ -359,11 +355,10 @@ def _body(rank: int, world: int, group, seed: int) -> None:
     _check_modes_and_options(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_back_to_back(rank, world, buf, ref, num_experts, num_topk, seed)
-    if not DRY_RUN:  # kernel-only: CUDA graphs
-        for use_hook in (False, True):
-            _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
+    for use_hook in (False, True):
+        _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
     _check_relayout(rank, world, buf, ref, seed)
-    if world >= 2 and not DRY_RUN:  # kernel-only: device timeouts
+    if world >= 2:
         _check_timeout(rank, world, group, ref, num_experts, num_topk, seed)
     # Collective, in the same order everywhere (only on success: a failing rank must not block
     # its peers in a collective free).
