@@ -114,3 +114,94 @@ def _multi_node_body(rank, world, group):
 def test_emulated_multi_node_buffer_is_refused(monkeypatch):
     monkeypatch.setenv("EP_COMM_RANKS_PER_NODE", "1")
     run_ranks(_multi_node_body, 2)
+
+
+class _RecordingEmulator:
+    """Stands in for ep_comm._C_emu where it is not built: the real size functions and limits of
+    ep_comm._C, launches that only record (device, stream) and a synchronize that counts. It checks
+    the wiring of the emulated target, not the kernels."""
+
+    def __init__(self, real, calls: list) -> None:
+        self._real = real
+        self.calls = calls
+        self.fail_next_dispatch = False
+        emulator = self
+
+        class IntranodeBuffer:
+            is_destroyed = False
+
+            def __init__(self, rank, num_ranks, device, num_bytes):
+                calls.append(("buffer", device))
+
+            def ipc_handle(self):
+                return b"handle"
+
+            def open_peers(self, handles):
+                pass
+
+            def notify(self, *args):
+                calls.append(("notify", args[-1]))
+
+            def wait_recv_counts(self, num_local_experts, timeout_s):
+                return 3, [3] + [0] * (num_local_experts - 1)
+
+            def dispatch(self, *args):
+                calls.append(("dispatch", args[-1]))
+                if emulator.fail_next_dispatch:
+                    emulator.fail_next_dispatch = False
+                    raise RuntimeError("recorded device error")
+
+            def combine(self, *args):
+                calls.append(("combine", args[-1]))
+
+            def check_error(self):
+                pass
+
+            def destroy(self):
+                self.is_destroyed = True
+
+        self.IntranodeBuffer = IntranodeBuffer
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)  # sizes and INTRANODE_MAX_* constants
+
+    def get_device_properties(self, device):
+        return {"num_sms": 8}
+
+    def get_dispatch_layout(self, *args):
+        self.calls.append(("layout", args[-2], args[-1]))
+
+    def synchronize(self):
+        self.calls.append(("sync",))
+
+
+def _wiring_body(rank, world, group):
+    calls = []
+    emulator = _RecordingEmulator(_ext.load(), calls)
+    _ext._emulated.module, _ext._emulated._attempted = emulator, True  # this rank process only
+    config = Config(num_sms=4, num_max_nvl_chunked_send_tokens=2, num_max_nvl_chunked_recv_tokens=8)
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world),
+                            backend="emulated")
+    mine = make_inputs(SEED, rank, 5, HIDDEN, 2, 2)
+    assert calls == [("buffer", 0)]
+    layout = buffer.get_dispatch_layout(mine.topk_idx, 2)
+    recv_x, _, _, counts, handle, _ = buffer.dispatch(mine.x, topk_idx=mine.topk_idx, config=config,
+                                                      **_layout_args(layout))
+    assert recv_x.shape == (3, HIDDEN) and counts == [3, 0]
+    buffer.combine(recv_x, handle, config=config)
+    # Device 0 and stream 0 everywhere; every op ends with a synchronize of the emulated device.
+    assert calls[1:] == [("layout", 0, 0), ("sync",), ("notify", 0), ("dispatch", 0), ("sync",), ("combine", 0),
+                         ("sync",)], calls
+    del calls[:]
+    emulator.fail_next_dispatch = True  # an op that raises after launching still synchronizes
+    with pytest.raises(RuntimeError, match="recorded device error"):
+        buffer.dispatch(mine.x, handle=handle, config=config)
+    assert calls == [("dispatch", 0), ("sync",)], calls
+    with pytest.raises(ValueError, match="needs 10 SMs resident at once, but the emulated device has 8"):
+        buffer.dispatch(mine.x, topk_idx=mine.topk_idx, config=Config(num_sms=10), **_layout_args(layout))
+    buffer.destroy()
+
+
+@pytest.mark.skipif(_ext.load() is None, reason="the recording emulator borrows ep_comm._C's size functions")
+def test_emulated_target_wiring_with_a_recording_module():
+    run_ranks(_wiring_body, 1)
