@@ -28,8 +28,8 @@ import ep_comm
 from ep_comm import fp8
 from ep_comm.config import Config
 from ep_comm.testing import make_inputs
-from common import (DEVICE_TIMEOUT_S, EMULATED, GPU_TEST, KERNELS, close, exact, needs_gpu, run_ranks, setup_device,
-                    split, synchronize)
+from common import (DEVICE_TIMEOUT_S, GPU_TEST, KERNELS, close, exact, needs_gpu, run_ranks, setup_device, split,
+                    synchronize)
 
 pytestmark = GPU_TEST
 
