@@ -36,7 +36,7 @@ class KernelTarget:
     families: Tuple[str, ...]           # kernel families this target runs
     stream: Callable[[], int]           # the stream to launch on (the current CUDA stream; 0 on the emulator)
     is_capturing: Callable[[], bool]    # whether a CUDA graph is being captured on the current stream
-    after_op: Callable[[], None]        # called when an op ends, raised or not: nothing on a GPU, a sync on the emulator
+    after_op: Callable[[], None]        # runs when an op ends, raised or not: nothing on a GPU, a sync on the emulator
 
     @property
     def emulated(self) -> bool:
