@@ -6,6 +6,7 @@ re-raised in the parent with the rank's traceback, and the seed is printed so a 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -30,6 +31,11 @@ def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, bo
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
             body(rank, world, dist.group.WORLD, **kwargs)
+            # Exceptions a body caught (pytest.raises) leave reference cycles through their frames
+            # that keep Buffers, and so the group, alive; freed only at interpreter exit, after
+            # destroy_process_group, the gloo group aborts the process now and then
+            # ("terminate called without an active exception"). Free them while the group is live.
+            gc.collect()
             # Tear down together: a rank destroying its gloo group while a peer still uses its
             # connections can abort the peer ("terminate called without an active exception").
             dist.barrier()
