@@ -1,10 +1,14 @@
-"""Build ep_comm: a pure-Python package plus the pybind11 extension ``ep_comm._C``.
+"""Build ep_comm: a pure-Python package plus two pybind11 extensions.
 
-The extension is compiled with nvcc (``csrc/**/*.cu``) and the host C++ compiler
+``ep_comm._C`` is compiled with nvcc (``csrc/**/*.cu``) and the host C++ compiler
 (``csrc/**/*.cpp``) through a generated ninja file, and linked against the CUDA
 runtime (static) and NVSHMEM from the ``nvidia-nvshmem-cu{major}`` wheel. It never
 links libtorch: torch.utils.cpp_extension needs a CUDA build of torch and couples
 us to torch's ABI.
+
+``ep_comm._C_emu`` is the emulated device: the same kernel sources compiled as host
+C++ with ``csrc/emulator`` (CPU threads, host memory). It needs only a C++ compiler
+and is built on every machine, with or without CUDA; its build failing fails the install.
 
 Environment knobs:
   EP_COMM_NO_CUDA=1         build the pure-Python package only (no kernels)
@@ -15,6 +19,10 @@ Environment knobs:
   CUDA_HOME / CUDA_PATH     toolkit root (else found from nvcc on PATH)
   NVSHMEM_HOME              NVSHMEM root with include/ and lib/ (else the pip wheel)
   CXX, CUDAHOSTCXX          host compiler for .cpp files / for nvcc
+  EP_COMM_NO_EMULATOR=1     do not build ep_comm._C_emu
+  EP_COMM_EMU_SANITIZE=...  build ep_comm._C_emu with sanitizers: "address" (address +
+                            undefined) or "thread"; load it with the sanitizer's runtime
+                            preloaded (scripts/emu_sanitize.sh shows how)
 """
 
 from __future__ import annotations
@@ -317,7 +325,8 @@ def build_ninja_text(cfg: CudaConfig, build_dir: str, target: str) -> str:
     libs = ["-l:libnvshmem_device.a", "-Wl,--no-as-needed", "-l:libnvshmem_host.so.3",
             "-Wl,--as-needed", "-lcudart_static", "-lpthread", "-ldl", "-lrt"]
 
-    cu_srcs, cpp_srcs = rel_sources(".cu"), rel_sources(".cpp")
+    cu_srcs = rel_sources(".cu")
+    cpp_srcs = [s for s in rel_sources(".cpp") if not s.startswith(EMULATOR_DIR)]
     obj = lambda src: os.path.join(build_dir, "obj", src + ".o")  # noqa: E731
 
     lines = [
@@ -369,6 +378,92 @@ def build_ninja_text(cfg: CudaConfig, build_dir: str, target: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------------------
+# The emulated device (ep_comm._C_emu)
+# ---------------------------------------------------------------------------------------
+
+EMULATOR_DIR = os.path.join("csrc", "emulator") + os.sep
+# The kernel families the emulator runs, and the runtime and bindings they need.
+EMULATOR_SOURCES = [
+    "csrc/kernels/layout.cu", "csrc/kernels/intranode.cu",
+    "csrc/runtime/device.cpp", "csrc/runtime/ipc_buffer.cpp",
+    "csrc/bindings/module.cpp", "csrc/bindings/runtime.cpp", "csrc/bindings/intranode.cpp",
+    "csrc/emulator/bindings.cpp", "csrc/emulator/runtime.cpp", "csrc/emulator/scheduler.cpp",
+]
+# The fiber scheduler switches stacks under TSan's feet: it is built without TSan
+# instrumentation and tells TSan about fibers and barriers itself (EP_EMU_TSAN).
+EMULATOR_SCHEDULER = "csrc/emulator/scheduler.cpp"
+
+
+def emulator_sanitizer() -> str:
+    value = os.environ.get("EP_COMM_EMU_SANITIZE", "").strip().lower()
+    if value in ("", "0", "none", "off"):
+        return ""
+    if value in ("address", "asan", "address,undefined"):
+        return "address"
+    if value in ("thread", "tsan"):
+        return "thread"
+    raise RuntimeError(f"EP_COMM_EMU_SANITIZE={value!r}: expected 'address' (address+undefined) or 'thread'")
+
+
+def emulator_flags(sanitizer: str) -> tuple[list[str], list[str], list[str]]:
+    """(compile flags for every source, extra flags for all but the scheduler, link flags)."""
+    debug = env_flag("EP_COMM_DEBUG")
+    # as nvcc, no warnings for `threadIdx.x < an int` and `#pragma unroll`
+    flags = (["-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas",
+              "-DEP_COMM_EMULATOR",
+              "-DEP_COMM_MODULE_NAME=_C_emu", f'-DEP_COMM_VERSION="{VERSION}"',
+              '-DEP_COMM_CUDA_ARCHS="emulated"']
+             + (["-O0", "-g"] if debug else ["-O2", "-g1"])
+             # the emulator's CUDA headers first; no CUDA toolkit is involved
+             + ["-Icsrc/emulator/include", "-Icsrc"])
+    instrumented, link = [], []
+    if sanitizer == "address":
+        flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        link += ["-fsanitize=address,undefined"]
+    elif sanitizer == "thread":
+        flags += ["-DEP_EMU_TSAN", "-fno-omit-frame-pointer"]
+        instrumented += ["-fsanitize=thread"]
+        link += ["-fsanitize=thread"]
+    return flags, instrumented, link
+
+
+def build_emulator_ninja_text(build_dir: str, target: str) -> str:
+    import pybind11
+
+    sanitizer = emulator_sanitizer()
+    flags, instrumented, link = emulator_flags(sanitizer)
+    py_flags = [f"-I{sysconfig.get_path('include')}", f"-I{pybind11.get_include()}"]
+    flags += py_flags + shlex.split(os.environ.get("EP_COMM_CXX_FLAGS", ""))
+    obj = lambda src: os.path.join(build_dir, "obj", src + ".o")  # noqa: E731
+    lines = [
+        "# Generated by setup.py; rewritten on every build.",
+        "ninja_required_version = 1.3",
+        f"builddir = {ninja_path(build_dir)}",
+        f"cxx = {ninja_flags([os.environ.get('CXX', 'c++')])}",
+        f"flags = {ninja_flags(flags)}",
+        f"instrumented = {ninja_flags(instrumented)}",
+        f"ldflags = {ninja_flags(['-shared'] + link)}",
+        "",
+        "rule cxx",
+        "  command = $cxx -x c++ $flags $extra -MMD -MF $out.d -c $in -o $out",
+        "  depfile = $out.d",
+        "  deps = gcc",
+        "  description = CXX (emulated device) $in",
+        "",
+        "rule link",
+        "  command = $cxx $in -o $out $ldflags -lpthread",
+        "  description = LINK $out",
+        "",
+    ]
+    for src in EMULATOR_SOURCES:
+        lines.append(f"build {ninja_path(obj(src))}: cxx {ninja_path(src)}")
+        lines.append(f"  extra = {'' if src == EMULATOR_SCHEDULER else '$instrumented'}")
+    lines.append(f"build {ninja_path(target)}: link " + " ".join(ninja_path(obj(s)) for s in EMULATOR_SOURCES))
+    lines.append(f"default {ninja_path(target)}")
+    return "\n".join(lines) + "\n"
+
+
 def check_undefined_symbols(so_path: str) -> None:
     """Fail the build, not the import, when _C.so needs a symbol nothing will provide.
 
@@ -385,12 +480,12 @@ def check_undefined_symbols(so_path: str) -> None:
     for line in out.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == "U" and "@" not in parts[1] \
-                and not re.match(r"_?Py", parts[1]):
+                and not re.match(r"_?Py|__(asan|ubsan|tsan|sanitizer)_", parts[1]):
             missing.append(parts[1])
     if missing:
         names = subprocess.run(["c++filt"] + missing, capture_output=True, text=True).stdout.split("\n") \
             if shutil.which("c++filt") else missing
-        raise RuntimeError("ep_comm: _C.so has undefined symbols that no library provides "
+        raise RuntimeError(f"ep_comm: {os.path.basename(so_path)} has undefined symbols that no library provides "
                            "(a declared but undefined function, or a missing library):\n  "
                            + "\n  ".join(n for n in names if n))
 
@@ -399,10 +494,16 @@ class NinjaExtension(Extension):
     """Marker: built by NinjaBuildExt, not by setuptools' compiler classes."""
 
 
+class EmulatorExtension(NinjaExtension):
+    """ep_comm._C_emu: the kernels for the emulated device, host compiler only."""
+
+
 class NinjaBuildExt(build_ext):
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, NinjaExtension):
             return super().build_extension(ext)
+        if isinstance(ext, EmulatorExtension):
+            return self.build_emulator(ext)
         cfg = CUDA
         # A stable folder in the source tree (not build_temp, which editable and isolated
         # builds make anew each time) keeps ninja's state, so rebuilds are incremental.
@@ -425,6 +526,26 @@ class NinjaBuildExt(build_ext):
             raise RuntimeError(f"ep_comm: building {ext.name} failed (compiler output above); "
                                f"rerun from {ROOT} with `ninja -f {ninja_file}`")
 
+        self.finish(ext, target)
+
+    def build_emulator(self, ext: Extension) -> None:
+        sanitizer = emulator_sanitizer()
+        key = "|".join([sysconfig.get_config_var("EXT_SUFFIX") or "", os.environ.get("CXX", "c++"), sanitizer])
+        tag = f"emu-{sys.implementation.cache_tag}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        build_dir = os.path.join("build", "ninja", tag)
+        os.makedirs(os.path.join(ROOT, build_dir), exist_ok=True)
+        target = os.path.join(build_dir, "_C_emu.so")
+        ninja_file = os.path.join(build_dir, "build.ninja")
+        write_if_changed(os.path.join(ROOT, ninja_file), build_emulator_ninja_text(build_dir, target))
+        print(f"ep_comm: building {ext.name} (the emulated device) with {os.environ.get('CXX', 'c++')}"
+              + (f", sanitizer {sanitizer}" if sanitizer else ""), flush=True)
+        result = subprocess.run([find_ninja(), "-f", ninja_file, "-j", str(max_jobs())], cwd=ROOT)
+        if result.returncode != 0:
+            raise RuntimeError(f"ep_comm: building {ext.name} failed (compiler output above); "
+                               f"rerun from {ROOT} with `ninja -f {ninja_file}`, or set EP_COMM_NO_EMULATOR=1")
+        self.finish(ext, target)
+
+    def finish(self, ext: Extension, target: str) -> None:
         check_undefined_symbols(os.path.join(ROOT, target))
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
@@ -432,14 +553,17 @@ class NinjaBuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
-    if CUDA is None:
-        return []
     # sources/depends are listed so that an sdist carries csrc/; NinjaBuildExt compiles them.
     headers = []
     for ext in (".hpp", ".h", ".cuh"):
         headers += rel_sources(ext)
-    return [NinjaExtension("ep_comm._C", sources=rel_sources(".cu") + rel_sources(".cpp"),
-                           depends=headers)]
+    exts = []
+    if CUDA is not None:
+        exts.append(NinjaExtension("ep_comm._C", sources=rel_sources(".cu") + rel_sources(".cpp"),
+                                   depends=headers))
+    if not env_flag("EP_COMM_NO_EMULATOR"):
+        exts.append(EmulatorExtension("ep_comm._C_emu", sources=list(EMULATOR_SOURCES), depends=headers))
+    return exts
 
 
 def install_requires() -> list[str]:

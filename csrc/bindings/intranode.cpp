@@ -94,7 +94,9 @@ void register_intranode(py::module_& m) {
       "Launch the layout kernel; num_tokens_per_rdma_rank may be 0 (not computed).");
 
   // ---- runtime + kernels --------------------------------------------------------------------
-  py::class_<IpcBuffer>(m, "IntranodeBuffer", "One rank's NVLink buffer and its peers' IPC mappings.")
+  // module_local: ep_comm._C and ep_comm._C_emu both bind this C++ type, each for itself.
+  py::class_<IpcBuffer>(m, "IntranodeBuffer", "One rank's NVLink buffer and its peers' IPC mappings.",
+                        py::module_local())
       .def(py::init<int, int, int, int64_t>(), py::arg("rank"), py::arg("num_ranks"), py::arg("device"),
            py::arg("num_bytes"))
       .def("ipc_handle", [](const IpcBuffer& b) { return py::bytes(b.ipc_handle()); })

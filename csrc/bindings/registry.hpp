@@ -10,3 +10,4 @@ void register_intranode(pybind11::module_& m);    // bindings/intranode.cpp
 void register_internode(pybind11::module_& m);    // bindings/internode.cpp
 void register_low_latency(pybind11::module_& m);  // bindings/low_latency.cpp
 void register_microbench(pybind11::module_& m);   // bindings/microbench.cpp
+void register_emulator(pybind11::module_& m);     // emulator/bindings.cpp (ep_comm._C_emu only)

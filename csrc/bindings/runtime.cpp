@@ -115,8 +115,9 @@ void register_runtime(py::module_& m) {
   m.attr("ERROR_TIMEOUT") = static_cast<int>(ep_comm::kErrorTimeout);
   m.attr("ERROR_INVALID_INPUT") = static_cast<int>(ep_comm::kErrorInvalidInput);
 
-  py::class_<ep_comm::ErrorSlotHost>(m, "ErrorSlot",
-                                     "Host-mapped slot where kernels record their first error.")
+  // module_local: ep_comm._C and ep_comm._C_emu both bind this C++ type, each for itself.
+  py::class_<ep_comm::ErrorSlotHost>(m, "ErrorSlot", "Host-mapped slot where kernels record their first error.",
+                                     py::module_local())
       .def(py::init<>())
       .def_property_readonly("device_ptr",
                              [](const ep_comm::ErrorSlotHost& s) {

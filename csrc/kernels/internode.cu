@@ -35,6 +35,7 @@
 #include "kernels/common/internode_layout.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/timeout.cuh"
+#include "kernels/common/launch.cuh"
 #include "runtime/errors.hpp"
 
 namespace ep_comm {
@@ -45,25 +46,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 // ---- memory helpers (names carry their ordering) ----------------------------------------------
 
-// Loads of ring payload that peers (or the NIC) wrote: volatile so that no stale L1 line is used.
-__device__ __forceinline__ int4 ld_volatile_v4(const void* ptr) {
-  int4 v;
-  asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr)
-               : "memory");
-  return v;
-}
-__device__ __forceinline__ int ld_volatile_i32(const void* ptr) {
-  int v;
-  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-__device__ __forceinline__ float ld_volatile_f32(const void* ptr) {
-  float v;
-  asm volatile("ld.volatile.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
-  return v;
-}
+using ptx::ld_volatile_f32;
+using ptx::ld_volatile_i32;
+using ptx::ld_volatile_v4;
+
 __device__ __forceinline__ uint64_t ld_acquire_u64(const void* ptr) {
   return ptx::ld_acquire_sys(reinterpret_cast<const unsigned long long*>(ptr));
 }
@@ -98,10 +84,7 @@ __device__ __forceinline__ int warp_counter(const void* ptr, int lane) {
   return v;
 }
 
-// Named barrier over `num_threads` threads (whole warps) of the block.
-__device__ __forceinline__ void named_barrier(int id, int num_threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
-}
+using ptx::named_barrier;
 
 // Warp copy of `bytes` (multiple of 16) from read-only input to any destination.
 __device__ __forceinline__ void warp_copy_from_input(void* dst, const void* src, int64_t bytes, int lane) {
@@ -529,7 +512,7 @@ __device__ void dispatch_receiver(const Common& cm, const DispatchArgs& a, Dispa
 
 __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchForwardWarps + kDispatchRecvWarps) * 32, 1)
 dispatch_kernel(Common cm, DispatchArgs a) {
-  extern __shared__ __align__(16) uint8_t smem_raw[];
+  EP_DYNAMIC_SHARED(uint8_t, smem_raw);
   if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node;
@@ -941,7 +924,7 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
 
 __global__ void __launch_bounds__((kCombineSendWarps + kCombineForwardWarps + kCombineRecvWarps) * 32, 1)
 combine_kernel(Common cm, CombineArgs a) {
-  extern __shared__ __align__(16) uint8_t smem_raw[];
+  EP_DYNAMIC_SHARED(uint8_t, smem_raw);
   if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node;
@@ -979,7 +962,7 @@ combine_kernel(Common cm, CombineArgs a) {
 // ---- host launchers ----------------------------------------------------------------------------
 
 void launch_notify(const Common& common, const NotifyArgs& args, cudaStream_t stream) {
-  notify_kernel<<<1, 256, 0, stream>>>(common, args);
+  EP_LAUNCH_KERNEL(notify_kernel, 1, 256, 0, stream, common, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -992,7 +975,7 @@ void launch_dispatch(const Common& common, const DispatchArgs& args, cudaStream_
   constexpr int threads = (kDispatchSendWarps + kDispatchForwardWarps + kDispatchRecvWarps) * 32;
   if (smem > 48 * 1024)
     EP_CUDA_CHECK(cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  dispatch_kernel<<<lay.num_channels, threads, size_t(smem), stream>>>(common, args);
+  EP_LAUNCH_KERNEL(dispatch_kernel, lay.num_channels, threads, size_t(smem), stream, common, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -1006,7 +989,7 @@ void launch_combine(const Common& common, const CombineArgs& args, cudaStream_t 
   constexpr int threads = (kCombineSendWarps + kCombineForwardWarps + kCombineRecvWarps) * 32;
   if (smem > 48 * 1024)
     EP_CUDA_CHECK(cudaFuncSetAttribute(combine_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  combine_kernel<<<lay.num_channels, threads, size_t(smem), stream>>>(common, args);
+  EP_LAUNCH_KERNEL(combine_kernel, lay.num_channels, threads, size_t(smem), stream, common, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 

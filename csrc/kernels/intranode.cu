@@ -30,6 +30,7 @@
 #include "kernels/common/intranode_device.cuh"
 #include "kernels/common/intranode_layout.cuh"
 #include "kernels/intranode.hpp"
+#include "kernels/common/launch.cuh"
 #include "runtime/errors.hpp"
 
 namespace ep_comm {
@@ -211,7 +212,7 @@ struct WarpGroup {
   int num_warps;  // G
   int lane;
   __device__ __forceinline__ bool leader() const { return sub == 0 && lane == 0; }
-  __device__ __forceinline__ void sync() const { named_barrier(peer + 1, num_warps * 32); }
+  __device__ __forceinline__ void sync() const { ptx::named_barrier(peer + 1, num_warps * 32); }
 };
 
 __device__ __forceinline__ void dispatch_send(const Context& ctx, const DispatchArgs& args, const BufferLayout& layout,
@@ -313,15 +314,15 @@ __device__ __forceinline__ void dispatch_recv(const Context& ctx, const Dispatch
       if (args.num_scales > 0) {
         const float* scales = reinterpret_cast<const float*>(src_slot + slot.scales_offset());
         for (int i = lane; i < args.num_scales; i += 32)
-          args.recv_x_scales[row * args.num_scales + i] = ld_cg(scales + i);
+          args.recv_x_scales[row * args.num_scales + i] = ptx::ld_cg(scales + i);
       }
       if (lane < args.num_topk) {
         if (args.recv_topk_idx != nullptr)
           args.recv_topk_idx[row * args.num_topk + lane] =
-              ld_cg(reinterpret_cast<const int*>(src_slot + slot.topk_idx_offset()) + lane);
+              ptx::ld_cg(reinterpret_cast<const int*>(src_slot + slot.topk_idx_offset()) + lane);
         if (args.recv_topk_weights != nullptr)
           args.recv_topk_weights[row * args.num_topk + lane] =
-              ld_cg(reinterpret_cast<const float*>(src_slot + slot.topk_weights_offset()) + lane);
+              ptx::ld_cg(reinterpret_cast<const float*>(src_slot + slot.topk_weights_offset()) + lane);
       }
     }
     group.sync();  // all reads of these slots are done before the writer may reuse them
@@ -484,7 +485,7 @@ __device__ __forceinline__ void combine_recv(const Context& ctx, const CombineAr
           int4 rows[kMaxRanks / 2];
 #pragma unroll
           for (int r = 0; r < kMaxRanks / 2; ++r)
-            if ((mask >> (half + r)) & 1u) rows[r] = ld_cg_v4(reinterpret_cast<const int4*>(slots[half + r]) + i);
+            if ((mask >> (half + r)) & 1u) rows[r] = ptx::ld_cg_v4(reinterpret_cast<const int4*>(slots[half + r]) + i);
 #pragma unroll
           for (int r = 0; r < kMaxRanks / 2; ++r)
             if ((mask >> (half + r)) & 1u) add_bf16x8(acc, rows[r]);
@@ -498,7 +499,7 @@ __device__ __forceinline__ void combine_recv(const Context& ctx, const CombineAr
 #pragma unroll
         for (int r = 0; r < kMaxRanks; ++r)
           if ((mask >> r) & 1u)
-            weight += ld_cg(reinterpret_cast<const float*>(slots[r] + slot.topk_weights_offset()) + lane);
+            weight += ptx::ld_cg(reinterpret_cast<const float*>(slots[r] + slot.topk_weights_offset()) + lane);
         args.combined_topk_weights[int64_t(token) * args.num_topk + lane] = weight;
       }
     }
@@ -584,7 +585,7 @@ void launch_notify(const Context& ctx, const NotifyArgs& args, cudaStream_t stre
                  "intranode kernels support up to " + std::to_string(kMaxLocalExperts) +
                      " experts per rank, got " + std::to_string(args.num_local_experts));
   EP_HOST_ASSERT(args.expert_alignment >= 1, "expert_alignment must be >= 1");
-  notify_kernel<<<args.num_channels + 1, kNotifyThreads, 0, stream>>>(ctx, args);
+  EP_LAUNCH_KERNEL(notify_kernel, args.num_channels + 1, kNotifyThreads, 0, stream, ctx, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -595,8 +596,9 @@ void launch_dispatch(const Context& ctx, const DispatchArgs& args, cudaStream_t 
   EP_HOST_ASSERT(args.hidden_bytes > 0 && args.hidden_bytes % kVectorBytes == 0,
                  "a row must be a positive multiple of 16 bytes, got " + std::to_string(args.hidden_bytes));
   EP_HOST_ASSERT(args.num_topk >= 0 && args.num_topk <= kMaxTopk, "top-k must be <= 32");
-  EP_HOST_ASSERT(args.num_scales == 0 || args.x_scales != nullptr, "num_scales without scales");
-  dispatch_kernel<<<args.num_channels * 2, kBlockThreads, 0, stream>>>(ctx, args);
+  // A rank without tokens has empty (null) scales and sends no rows.
+  EP_HOST_ASSERT(args.num_scales == 0 || args.num_tokens == 0 || args.x_scales != nullptr, "num_scales without scales");
+  EP_LAUNCH_KERNEL(dispatch_kernel, args.num_channels * 2, kBlockThreads, 0, stream, ctx, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -607,7 +609,7 @@ void launch_combine(const Context& ctx, const CombineArgs& args, cudaStream_t st
   EP_HOST_ASSERT(args.hidden > 0 && (int64_t(args.hidden) * 2) % kVectorBytes == 0,
                  "a bf16 row must be a positive multiple of 16 bytes, got hidden=" + std::to_string(args.hidden));
   EP_HOST_ASSERT(args.num_topk >= 0 && args.num_topk <= kMaxTopk, "top-k must be <= 32");
-  combine_kernel<<<args.num_channels * 2, kBlockThreads, 0, stream>>>(ctx, args);
+  EP_LAUNCH_KERNEL(combine_kernel, args.num_channels * 2, kBlockThreads, 0, stream, ctx, args);
   EP_CUDA_CHECK_LAUNCH();
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/layout.hpp"
+#include "kernels/common/launch.cuh"
 #include "runtime/errors.hpp"
 
 namespace ep_comm {
@@ -17,7 +18,7 @@ constexpr int kMaxTopk = 32;
 constexpr int kMaxSharedBins = 8192;
 
 __global__ void __launch_bounds__(kThreads) get_dispatch_layout_kernel(DispatchLayoutArgs args, bool use_shared) {
-  extern __shared__ int s_bins[];  // [experts][ranks][nodes]
+  EP_DYNAMIC_SHARED(int, s_bins);  // [experts][ranks][nodes]
   const int num_experts = args.num_experts, num_ranks = args.num_ranks;
   const int num_nodes = args.num_tokens_per_rdma_rank != nullptr ? num_ranks / args.ranks_per_node : 0;
   const int num_bins = num_experts + num_ranks + num_nodes;
@@ -96,7 +97,7 @@ void launch_get_dispatch_layout(const DispatchLayoutArgs& args, cudaStream_t str
   const size_t shared_bytes = use_shared ? sizeof(int) * num_bins : 0;
   int num_blocks = (args.num_tokens + kThreads - 1) / kThreads;
   num_blocks = num_blocks < 1024 ? num_blocks : 1024;
-  get_dispatch_layout_kernel<<<num_blocks, kThreads, shared_bytes, stream>>>(args, use_shared);
+  EP_LAUNCH_KERNEL(get_dispatch_layout_kernel, num_blocks, kThreads, shared_bytes, stream, args, use_shared);
   EP_CUDA_CHECK_LAUNCH();
 }
 

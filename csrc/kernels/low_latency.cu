@@ -54,6 +54,7 @@
 #include "kernels/common/low_latency_launch.cuh"
 #include "kernels/common/ptx.cuh"
 #include "kernels/common/timeout.cuh"
+#include "kernels/common/launch.cuh"
 #include "runtime/errors.hpp"
 
 namespace ep_comm {
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
   const int first_token = blockIdx.x * tokens_per_block;
   const int end_token = min(first_token + tokens_per_block, a.num_tokens);
 
-  extern __shared__ int smem[];
+  EP_DYNAMIC_SHARED(int, smem);
   int* rows_before = smem;                  // rows to each expert from tokens before this block's range
   int* rows_total = smem + num_experts;     // rows to each expert from all tokens
   int* block_slots = rows_total + num_experts;
@@ -378,7 +379,7 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_recv_kernel(Common c, Di
   const uint64_t epoch = *a.call_epoch;
   const int half = static_cast<int>(epoch & 1);
 
-  extern __shared__ int smem[];
+  EP_DYNAMIC_SHARED(int, smem);
   int* counts = smem;
   int* first_row = smem + num_ranks;
   __shared__ int total_rows;
@@ -629,7 +630,7 @@ void launch_dispatch_send(const Common& c, const DispatchSendArgs& a, cudaStream
                        2 * static_cast<size_t>(tokens_per_block) * a.num_topk) * sizeof(int);
   EP_HOST_ASSERT(smem <= kMaxDynamicSmem, "low-latency dispatch needs " + std::to_string(smem) +
                                               " bytes of shared memory (num_experts too large)");
-  dispatch_send_kernel<<<num_blocks, kNumThreads, smem, stream>>>(c, a, tokens_per_block);
+  EP_LAUNCH_KERNEL(dispatch_send_kernel, num_blocks, kNumThreads, smem, stream, c, a, tokens_per_block);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -642,9 +643,9 @@ void launch_dispatch_recv(const Common& c, const DispatchRecvArgs& a, cudaStream
   EP_HOST_ASSERT(smem <= kMaxDynamicSmem, "too many ranks for the low-latency receive kernel");
   const int num_blocks = experts_per_rank * blocks_per_expert;
   if (a.use_fp8) {
-    dispatch_recv_kernel<true><<<num_blocks, kNumThreads, smem, stream>>>(c, a, blocks_per_expert);
+    EP_LAUNCH_KERNEL(dispatch_recv_kernel<true>, num_blocks, kNumThreads, smem, stream, c, a, blocks_per_expert);
   } else {
-    dispatch_recv_kernel<false><<<num_blocks, kNumThreads, smem, stream>>>(c, a, blocks_per_expert);
+    EP_LAUNCH_KERNEL(dispatch_recv_kernel<false>, num_blocks, kNumThreads, smem, stream, c, a, blocks_per_expert);
   }
   EP_CUDA_CHECK_LAUNCH();
 }
@@ -653,7 +654,7 @@ void launch_combine_send(const Common& c, const CombineSendArgs& a, cudaStream_t
   check_common(c);
   const int num_pairs = static_cast<int>(c.layout.experts_per_rank * c.layout.num_ranks);
   const int num_blocks = std::max(1, std::min(c.num_sms, ceil_div(num_pairs, kNumWarps)));
-  combine_send_kernel<<<num_blocks, kNumThreads, 0, stream>>>(c, a);
+  EP_LAUNCH_KERNEL(combine_send_kernel, num_blocks, kNumThreads, 0, stream, c, a);
   EP_CUDA_CHECK_LAUNCH();
 }
 
@@ -666,7 +667,7 @@ void launch_combine_recv(const Common& c, const CombineRecvArgs& a, cudaStream_t
   check_common(c);
   EP_HOST_ASSERT(a.num_topk > 0 && a.num_topk <= kMaxTopk, "num_topk must be in [1, 32]");
   const int num_blocks = std::max(1, std::min(c.num_sms, a.num_tokens));
-  combine_recv_kernel<<<num_blocks, kNumThreads, 0, stream>>>(c, a);
+  EP_LAUNCH_KERNEL(combine_recv_kernel, num_blocks, kNumThreads, 0, stream, c, a);
   EP_CUDA_CHECK_LAUNCH();
 }
 

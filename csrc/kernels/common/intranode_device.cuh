@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/common/intranode_layout.cuh"
 #include "kernels/common/ptx.cuh"
@@ -15,35 +16,8 @@ namespace ep_comm {
 namespace intranode {
 
 // ---------------------------------------------------------------------------------------------
-// Memory access helpers not in ptx.cuh
+// Addressing
 // ---------------------------------------------------------------------------------------------
-
-// Loads of ring slots: the slot is rewritten by a peer between rounds (and between kernels), so it
-// must not come from L1 (not coherent with remote writes) nor from the read-only path. `.cg`
-// caches in L2 only, which is where the peer's NVLink stores land.
-__device__ __forceinline__ int4 ld_cg_v4(const int4* ptr) {
-  int4 v;
-  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(ptr));
-  return v;
-}
-__device__ __forceinline__ int ld_cg(const int* ptr) {
-  int v;
-  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
-  return v;
-}
-__device__ __forceinline__ float ld_cg(const float* ptr) {
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
-  return v;
-}
-
-// Barrier among `num_threads` threads (a multiple of 32) of the block using barrier `id`
-// (1..15; 0 is __syncthreads). Orders their memory accesses like __syncthreads does.
-__device__ __forceinline__ void named_barrier(int id, int num_threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
-}
 
 template <typename T>
 __device__ __forceinline__ T* at(void* base, int64_t offset) {
@@ -212,15 +186,19 @@ __device__ __forceinline__ void warp_copy_from_ring(int4* dst, const int4* src, 
     int4 v[kCopyUnroll];
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u)
-      if (base + u * 32 < num_vectors) v[u] = ld_cg_v4(src + base + u * 32);
+      if (base + u * 32 < num_vectors) v[u] = ptx::ld_cg_v4(src + base + u * 32);
 #pragma unroll
     for (int u = 0; u < kCopyUnroll; ++u)
       if (base + u * 32 < num_vectors) ptx::st_na_global(dst + base + u * 32, v[u]);
   }
 }
 
+// Bit casts through memcpy: reading an int4 through a __nv_bfloat162* breaks strict aliasing, and
+// g++ -O2 then silently dropped the combine bias on the emulated device. nvcc turns these copies
+// into register moves.
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const auto* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
+  __nv_bfloat162 pairs[4];
+  memcpy(pairs, &v, sizeof(pairs));
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = __bfloat1622float2(pairs[i]);
@@ -230,10 +208,11 @@ __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
 }
 
 __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  int4 v;
-  auto* pairs = reinterpret_cast<__nv_bfloat162*>(&v);
+  __nv_bfloat162 pairs[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+  int4 v;
+  memcpy(&v, pairs, sizeof(v));
   return v;
 }
 

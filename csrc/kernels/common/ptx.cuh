@@ -5,14 +5,110 @@
 //   scope  .gpu: threads of this GPU          .sys: peer GPUs (NVLink/IPC) and the host
 //   order  relaxed: atomic, no ordering       acquire/release: one-way barriers around it
 //
-// All are `asm volatile` with a "memory" clobber, so the compiler neither drops nor moves
-// other memory accesses across them. Targets sm_70+ (written for sm_90).
+// On the GPU all are `asm volatile` with a "memory" clobber, so the compiler neither drops nor
+// moves other memory accesses across them. Targets sm_70+ (written for sm_90).
+//
+// This is the only file with inline PTX, and the only kernel header with a branch for the emulated
+// device (csrc/emulator, EP_COMM_EMULATOR): there every primitive maps to a C++ atomic of the same
+// ordering, and every load that a kernel may spin on is a "spin point" where the emulator lets the
+// other threads of the block run (a CPU thread per block, a fiber per CUDA thread).
 #pragma once
 
 #include <cstdint>
 
+#ifdef EP_COMM_EMULATOR
+#include "ep_emu/device.hpp"
+#endif
+
 namespace ep_comm {
 namespace ptx {
+
+#ifdef EP_COMM_EMULATOR
+// ---------------------------------------------------------------------------------------
+// Emulated device: the same names over C++ atomics. Scopes (.gpu/.sys/.cta) all become
+// process-wide, which is what shared memory between rank processes gives anyway. Loads are spin
+// points (the emulator switches to another thread of the block there and records where each
+// thread waits, for its deadlock reports). The file/line defaults name the caller.
+// ---------------------------------------------------------------------------------------
+#define EP_EMU_LOAD(NAME, ORDER)                                                                    \
+  template <typename T>                                                                             \
+  inline T NAME(const T* ptr, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {  \
+    ::ep_comm::emu::spin_point(ptr, sizeof(T), #NAME, file, line);                                             \
+    return __atomic_load_n(ptr, ORDER);                                                             \
+  }
+#define EP_EMU_STORE(NAME, ORDER) \
+  template <typename T>           \
+  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { __atomic_store_n(ptr, value, ORDER); }
+#define EP_EMU_ADD(NAME, ORDER) \
+  template <typename T>         \
+  inline T NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { return __atomic_fetch_add(ptr, value, ORDER); }
+#define EP_EMU_RED(NAME, ORDER) \
+  template <typename T>         \
+  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { __atomic_fetch_add(ptr, value, ORDER); }
+
+EP_EMU_LOAD(ld_acquire_sys, __ATOMIC_ACQUIRE)
+EP_EMU_LOAD(ld_acquire_gpu, __ATOMIC_ACQUIRE)
+EP_EMU_LOAD(ld_relaxed_sys, __ATOMIC_RELAXED)
+EP_EMU_LOAD(ld_relaxed_gpu, __ATOMIC_RELAXED)
+EP_EMU_STORE(st_release_sys, __ATOMIC_RELEASE)
+EP_EMU_STORE(st_release_gpu, __ATOMIC_RELEASE)
+EP_EMU_STORE(st_relaxed_sys, __ATOMIC_RELAXED)
+EP_EMU_STORE(st_relaxed_gpu, __ATOMIC_RELAXED)
+EP_EMU_ADD(atomic_add_release_sys, __ATOMIC_RELEASE)
+EP_EMU_ADD(atomic_add_release_gpu, __ATOMIC_RELEASE)
+EP_EMU_ADD(atomic_add_relaxed_sys, __ATOMIC_RELAXED)
+EP_EMU_ADD(atomic_add_relaxed_gpu, __ATOMIC_RELAXED)
+EP_EMU_ADD(atomic_add_acq_rel_sys, __ATOMIC_ACQ_REL)
+EP_EMU_ADD(atomic_add_acq_rel_gpu, __ATOMIC_ACQ_REL)
+EP_EMU_RED(red_add_release_sys, __ATOMIC_RELEASE)
+EP_EMU_RED(red_add_release_gpu, __ATOMIC_RELEASE)
+EP_EMU_RED(red_add_relaxed_sys, __ATOMIC_RELAXED)
+EP_EMU_RED(red_add_relaxed_gpu, __ATOMIC_RELAXED)
+#undef EP_EMU_LOAD
+#undef EP_EMU_STORE
+#undef EP_EMU_ADD
+#undef EP_EMU_RED
+
+inline void fence_acq_rel_sys() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
+inline void fence_acq_rel_gpu() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
+inline void fence_acq_rel_cta() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
+inline void fence_sc_sys() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void fence_sc_gpu() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+// Payload moves are plain accesses: ThreadSanitizer checks them against the protocol's
+// acquire/release pairs, which is how a ring published before its payload shows up.
+inline int4 ld_nc_global(const int4* ptr) { return *ptr; }
+inline void st_na_global(int4* ptr, const int4& v) { *ptr = v; }
+inline int4 ld_cg_v4(const int4* ptr) { return *ptr; }
+inline int ld_cg(const int* ptr) { return *ptr; }
+inline float ld_cg(const float* ptr) { return *ptr; }
+// Volatile loads are spin points too (kernels poll ring payload and counters with them).
+inline int4 ld_volatile_v4(const void* ptr, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::ep_comm::emu::spin_point(ptr, 16, "ld_volatile_v4", file, line);
+  const int* p = static_cast<const int*>(ptr);  // four relaxed words: a poll, not a data race
+  return int4{__atomic_load_n(p, __ATOMIC_RELAXED), __atomic_load_n(p + 1, __ATOMIC_RELAXED),
+              __atomic_load_n(p + 2, __ATOMIC_RELAXED), __atomic_load_n(p + 3, __ATOMIC_RELAXED)};
+}
+inline int ld_volatile_i32(const void* ptr, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::ep_comm::emu::spin_point(ptr, 4, "ld_volatile_i32", file, line);
+  return __atomic_load_n(static_cast<const int*>(ptr), __ATOMIC_RELAXED);
+}
+inline float ld_volatile_f32(const void* ptr, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::ep_comm::emu::spin_point(ptr, 4, "ld_volatile_f32", file, line);
+  float value;
+  __atomic_load(static_cast<const float*>(ptr), &value, __ATOMIC_RELAXED);
+  return value;
+}
+
+inline void named_barrier(int id, int num_threads, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::ep_comm::emu::named_barrier(id, num_threads, file, line);
+}
+inline long long global_timer_ns(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return ::ep_comm::emu::global_timer_ns(file, line);
+}
+inline int lane_id() { return ::ep_comm::emu::lane_id(); }
+
+#else  // CUDA
 
 // ---------------------------------------------------------------------------------------
 // Scalar loads, stores and atomics on global memory, for 32- and 64-bit integers
@@ -117,15 +213,78 @@ __device__ __forceinline__ void st_na_global(int4* ptr, const int4& v) {
                : "memory");
 }
 
+// Loads of ring slots a peer rewrites between rounds (and between kernels): not from L1 (not
+// coherent with remote writes) nor the read-only path. `.cg` caches in L2 only, where the peer's
+// NVLink stores land.
+__device__ __forceinline__ int4 ld_cg_v4(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.cg.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ int ld_cg(const int* ptr) {
+  int v;
+  asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(ptr));
+  return v;
+}
+__device__ __forceinline__ float ld_cg(const float* ptr) {
+  float v;
+  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(ptr));
+  return v;
+}
+
+// Loads of payload that peers (or the NIC) wrote and that a kernel polls: volatile, so no stale
+// L1 line is used.
+__device__ __forceinline__ int4 ld_volatile_v4(const void* ptr) {
+  int4 v;
+  asm volatile("ld.volatile.global.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ int ld_volatile_i32(const void* ptr) {
+  int v;
+  asm volatile("ld.volatile.global.s32 %0, [%1];" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+__device__ __forceinline__ float ld_volatile_f32(const void* ptr) {
+  float v;
+  asm volatile("ld.volatile.global.f32 %0, [%1];" : "=f"(v) : "l"(ptr) : "memory");
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------
-// Warp helpers
+// Block barriers, lane id, global timer
 // ---------------------------------------------------------------------------------------
+
+// Barrier among `num_threads` threads (a multiple of 32) of the block using barrier `id`
+// (1..15; 0 is __syncthreads). Orders their memory accesses like __syncthreads does.
+__device__ __forceinline__ void named_barrier(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
 
 __device__ __forceinline__ int lane_id() {
   int lane;
   asm volatile("mov.s32 %0, %%laneid;" : "=r"(lane));
   return lane;
 }
+
+// Nanoseconds from the GPU's global timer, one clock for the whole device. Not clock64(): ranks
+// sharing a GPU without MPS are time-sliced, and a preempted block may resume on another SM whose
+// cycle counter is unrelated, which would fake or hide a timeout.
+__device__ __forceinline__ long long global_timer_ns() {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return static_cast<long long>(ns);
+}
+
+#endif  // EP_COMM_EMULATOR
+
+// ---------------------------------------------------------------------------------------
+// Warp helpers
+// ---------------------------------------------------------------------------------------
 
 // True in exactly one lane of `mask` (all lanes of `mask` must call it together).
 __device__ __forceinline__ bool elect_one(unsigned mask = 0xffffffffu) {

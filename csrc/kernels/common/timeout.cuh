@@ -20,14 +20,8 @@ namespace ep_comm {
 // 100 s: longer than any legitimate wait, short enough that a hang surfaces.
 constexpr long long kDefaultTimeoutNs = 100LL * 1000 * 1000 * 1000;
 
-// Nanoseconds from the GPU's global timer, one clock for the whole device. Not clock64(): ranks
-// sharing a GPU without MPS are time-sliced, and a preempted block may resume on another SM whose
-// cycle counter is unrelated, which would fake or hide a timeout.
-__device__ __forceinline__ long long global_timer_ns() {
-  unsigned long long ns;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-  return static_cast<long long>(ns);
-}
+// One clock for the whole device (see ptx::global_timer_ns for why not clock64()).
+__device__ __forceinline__ long long global_timer_ns() { return ptx::global_timer_ns(); }
 
 __device__ __forceinline__ bool spin_timed_out(long long start_ns, long long timeout_ns) {
   return global_timer_ns() - start_ns > timeout_ns;
