@@ -116,6 +116,34 @@ def test_emulated_multi_node_buffer_is_refused(monkeypatch):
     run_ranks(_multi_node_body, 2)
 
 
+def _plain_functions_body(rank, world, group):
+    """ep_comm.dispatch/combine (cached Buffer, default Configs) with EP_COMM_BACKEND=emulated."""
+    num_experts = 3 * world
+    inputs = [make_inputs(SEED + 1, r, 5 + 3 * r, HIDDEN, 3, num_experts) for r in range(world)]
+    mine = inputs[rank]
+    result = ep_comm.dispatch(mine.x, mine.topk_idx, mine.topk_weights, num_experts=num_experts, group=group)
+    buffer = ep_comm.api.get_buffer(group)
+    try:
+        assert buffer.backend_kind == "emulated" and buffer._normal.name == "intranode"
+        want = expected_dispatch(inputs, rank, num_experts)
+        assert torch.equal(result.recv_x, want.recv_x)
+        assert torch.equal(result.recv_topk_idx, want.recv_topk_idx)
+        assert torch.equal(result.recv_topk_weights, want.recv_topk_weights)
+        assert result.num_recv_tokens_per_expert == want.num_recv_tokens_per_expert
+        combined = ep_comm.combine(result.recv_x, result.handle).combined_x
+        in_rank = buffer.get_dispatch_layout(mine.topk_idx, num_experts)[3]
+        assert torch.equal(combined, (mine.x.float() * in_rank.sum(1, keepdim=True).float()).bfloat16())
+        dist.barrier(group)
+    finally:
+        buffer.destroy()
+
+
+@needs_emulator
+def test_plain_functions_run_on_the_emulator(monkeypatch):
+    monkeypatch.setenv("EP_COMM_BACKEND", "emulated")
+    run_ranks(_plain_functions_body, 2)
+
+
 class _RecordingEmulator:
     """Stands in for ep_comm._C_emu where it is not built: the real size functions and limits of
     ep_comm._C, launches that only record (device, stream) and a synchronize that counts. It checks
