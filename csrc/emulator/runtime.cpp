@@ -525,7 +525,9 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
   if (sticky_status() != cudaSuccess) return fail(sticky_status());
   const size_t aligned = round_up(size, kAllocAlign);
   const size_t bytes = round_up(aligned, page_bytes());
-  const int fd = static_cast<int>(syscall(SYS_memfd_create, "ep_comm_emu_device", 0u));
+  // Close-on-exec: processes this one spawns must not hold its device memory (peers open it by
+  // /proc/<pid>/fd, which does not need the descriptor inherited).
+  const int fd = static_cast<int>(syscall(SYS_memfd_create, "ep_comm_emu_device", 1u /* MFD_CLOEXEC */));
   if (fd < 0) return fail(cudaErrorMemoryAllocation);
   if (ftruncate(fd, static_cast<off_t>(bytes)) != 0) {
     close(fd);
