@@ -135,6 +135,7 @@ struct Fiber {
   bool progressed = false;  // since it was last scheduled
   Site wait;
   int barrier_id = -1;
+  int warp_group = -1;  // its slot in WarpState::groups while it waits in a warp collective
   SpinMemo memo[kSpinMemo];
   int memo_next = 0;
   void* tsan_fiber = nullptr;
@@ -153,18 +154,25 @@ struct BarrierState {
   int first_tid = -1;
 };
 
-struct WarpState {
-  unsigned arrived = 0;
+// One warp collective in flight among the lanes of `mask`. Lanes of a warp may wait in several at
+// once when their masks differ: two halves of a warp, each in its own branch, or lanes 0-3 still in
+// a collective of their own while lanes 4-7 already wait in the next one over lanes 0-7.
+struct WarpGroup {
+  unsigned arrived = 0;  // 0: the slot is free
   WarpOp op = WarpOp::kSync;
-  unsigned mask = 0;
+  unsigned mask = 0;     // kept when the slot is freed: the next collective over it prefers the slot
   int width = 32;
   int generation = 0;
   Site first;
   int first_lane = -1;
+  char sync[2] = {0, 0};  // TSan sync objects, one per generation parity
+};
+
+struct WarpState {
+  WarpGroup groups[32];  // a lane waits in at most one group, so 32 slots always suffice
   uint64_t values[32] = {};
   int args[32] = {};
   uint64_t results[32] = {};
-  char sync[2] = {0, 0};
 };
 
 const char* op_name(WarpOp op) {
@@ -307,8 +315,8 @@ std::string thread_report(const Block& b) {
         break;
       }
       case State::kWarp: {
-        const WarpState& ws = b.warps[f.tid / 32];
-        d << "waits in " << where(f.wait) << " (mask 0x" << std::hex << ws.mask << ", lanes arrived 0x" << ws.arrived
+        const WarpGroup& g = b.warps[f.tid / 32].groups[f.warp_group];
+        d << "waits in " << where(f.wait) << " (mask 0x" << std::hex << g.mask << ", lanes arrived 0x" << g.arrived
           << std::dec << ")";
         break;
       }
@@ -369,15 +377,16 @@ void release_barrier(Block& b, int id) {
     }
 }
 
-void release_warp(Block& b, int warp) {
+void release_warp(Block& b, int warp, WarpGroup& g) {
   WarpState& ws = b.warps[warp];
-  const unsigned mask = ws.mask;
+  const unsigned mask = g.mask;
+  const int width = g.width;
   for (int lane = 0; lane < 32; ++lane) {
     if (!((mask >> lane) & 1u)) continue;
-    const int segment = lane / ws.width * ws.width;
+    const int segment = lane / width * width;
     int src = lane;
     bool own = false;
-    switch (ws.op) {
+    switch (g.op) {
       case WarpOp::kSync: ws.results[lane] = 0; continue;
       case WarpOp::kBallot: {
         uint64_t ballot = 0;
@@ -386,23 +395,52 @@ void release_warp(Block& b, int warp) {
         ws.results[lane] = ballot;
         continue;
       }
-      case WarpOp::kShflIdx: src = segment + ((ws.args[lane] % ws.width) + ws.width) % ws.width; break;
+      case WarpOp::kShflIdx: src = segment + ((ws.args[lane] % width) + width) % width; break;
       case WarpOp::kShflUp: src = lane - ws.args[lane]; own = src < segment; break;
-      case WarpOp::kShflDown: src = lane + ws.args[lane]; own = src >= segment + ws.width; break;
-      case WarpOp::kShflXor: src = lane ^ ws.args[lane]; own = src >= segment + ws.width || src < 0 || src > 31; break;
+      case WarpOp::kShflDown: src = lane + ws.args[lane]; own = src >= segment + width; break;
+      case WarpOp::kShflXor: src = lane ^ ws.args[lane]; own = src >= segment + width || src < 0 || src > 31; break;
     }
     ws.results[lane] = own ? ws.values[lane] : ws.values[src];
   }
-  ++ws.generation;
-  ws.arrived = 0;
-  ws.first_lane = -1;
+  ++g.generation;
+  g.arrived = 0;
+  g.first_lane = -1;
   for (int lane = 0; lane < 32; ++lane) {
     const int tid = warp * 32 + lane;
-    if (tid < b.num_threads && b.fibers[tid].state == State::kWarp) {
+    if (((mask >> lane) & 1u) && tid < b.num_threads && b.fibers[tid].state == State::kWarp) {
       b.fibers[tid].state = State::kRunnable;
       b.fibers[tid].progressed = true;
     }
   }
+}
+
+// A collective that can never complete: a lane that group `from` still needs waits in another
+// group, which needs a lane that waits in ... `from`. Returns the group on that cycle whose missing
+// lane waits in `from`, or -1. (Lanes that are elsewhere may still come: that is for the deadlock
+// and hang checks.)
+int warp_wait_cycle(const Block& b, int warp, int from) {
+  const WarpState& ws = b.warps[warp];
+  unsigned visited = 1u << from;
+  int stack[32];
+  int top = 0;
+  stack[top++] = from;
+  while (top > 0) {
+    const int gi = stack[--top];
+    const WarpGroup& g = ws.groups[gi];
+    const unsigned missing = g.mask & ~g.arrived;
+    for (int lane = 0; lane < 32; ++lane) {
+      const int tid = warp * 32 + lane;
+      if (!((missing >> lane) & 1u) || tid >= b.num_threads) continue;
+      const Fiber& f = b.fibers[tid];
+      if (f.state != State::kWarp) continue;
+      if (f.warp_group == from) return gi;
+      if (!((visited >> f.warp_group) & 1u)) {
+        visited |= 1u << f.warp_group;
+        stack[top++] = f.warp_group;
+      }
+    }
+  }
+  return -1;
 }
 
 // ---- the block's scheduler -------------------------------------------------------------------------------
@@ -495,6 +533,7 @@ void run_block(LaunchState* launch, uint3 idx) {
   std::vector<int> order(b.num_threads);
   for (int t = 0; t < b.num_threads; ++t) order[t] = schedule.order == Order::kReverse ? b.num_threads - 1 - t : t;
   std::mt19937 rng(schedule.seed + 7919u * (idx.x + 131u * idx.y + 17161u * idx.z));
+  if (schedule.order == Order::kRandom) std::shuffle(order.begin(), order.end(), rng);  // the first pass too
   const long long hang_ns = launch->hang_ns;
   long long last_progress = monotonic_ns();
   int idle_passes = 0;
@@ -514,7 +553,11 @@ void run_block(LaunchState* launch, uint3 idx) {
     }
     if (launch->aborted()) break;
     if (ran == 0) {
-      report_stuck(b, "deadlock (no thread of the block can move)");
+      const bool in_warp = std::any_of(b.fibers.begin(), b.fibers.end(),
+                                       [](const Fiber& f) { return f.state == State::kWarp; });
+      report_stuck(b, in_warp ? "deadlock (no thread of the block can move; lanes wait in warp collectives that "
+                                "lanes of their mask never join: a divergent warp collective)"
+                              : "deadlock (no thread of the block can move)");
       break;
     }
     if (schedule.order == Order::kRandom) std::shuffle(order.begin(), order.end(), rng);
@@ -664,25 +707,34 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
     fault_here(where(site) + " with width " + std::to_string(width) + " (must be a power of two up to 32)");
   WarpState& ws = b.warps[warp];
-  if (ws.arrived == 0) {
-    ws.op = op;
-    ws.mask = mask;
-    ws.width = width;
-    ws.first = site;
-    ws.first_lane = lane;
-  } else if (ws.op != op || ws.mask != mask || ws.width != width) {
+  auto divergent = [&](const WarpGroup& other) {
     fault_here("divergent warp collective: lane " + std::to_string(lane) + " calls " + where(site) + " with mask " +
-               hex(mask) + " while lanes " + hex(ws.arrived) + " wait in " + where(ws.first) + " with mask " +
-               hex(ws.mask));
+               hex(mask) + " while lanes " + hex(other.arrived) + " wait in " + where(other.first) + " with mask " +
+               hex(other.mask));
+  };
+  // The collective over this mask that is in flight, else a free slot (the one this mask used last,
+  // so that TSan's sync objects of different masks stay apart).
+  WarpGroup* g = nullptr;
+  for (WarpGroup& c : ws.groups)
+    if (c.arrived != 0 && c.mask == mask) g = &c;
+  if (g != nullptr && (g->op != op || g->width != width)) divergent(*g);
+  if (g == nullptr) {
+    for (WarpGroup& c : ws.groups)
+      if (c.arrived == 0 && (g == nullptr || c.mask == mask)) g = &c;
+    g->op = op;
+    g->mask = mask;
+    g->width = width;
+    g->first = site;
+    g->first_lane = lane;
   }
   ws.values[lane] = value;
   ws.args[lane] = arg;
-  ws.arrived |= 1u << lane;
-  [[maybe_unused]] const int generation = ws.generation;
+  g->arrived |= 1u << lane;
+  [[maybe_unused]] const int generation = g->generation;
 #ifdef EP_EMU_TSAN
-  if (op == WarpOp::kSync) __tsan_release(&ws.sync[generation & 1]);
+  if (op == WarpOp::kSync) __tsan_release(&g->sync[generation & 1]);
 #endif
-  if (ws.arrived == ws.mask) {
+  if (g->arrived == g->mask) {
     if (op == WarpOp::kShflIdx)
       for (int l = 0; l < 32; ++l) {
         if (!((mask >> l) & 1u)) continue;
@@ -691,16 +743,19 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
           fault_here(where(site) + ": lane " + std::to_string(l) + " reads lane " + std::to_string(src) +
                      ", which is not in the mask " + hex(mask) + " (undefined on a GPU)");
       }
-    release_warp(b, warp);
+    release_warp(b, warp, *g);
     f.progressed = true;
   } else {
     f.state = State::kWarp;
+    f.warp_group = static_cast<int>(g - ws.groups);
     f.wait = site;
+    const int other = warp_wait_cycle(b, warp, f.warp_group);
+    if (other >= 0) divergent(ws.groups[other]);
     f.yield = Yield::kBlocked;
     to_scheduler(f);
   }
 #ifdef EP_EMU_TSAN
-  if (op == WarpOp::kSync) __tsan_acquire(&ws.sync[generation & 1]);
+  if (op == WarpOp::kSync) __tsan_acquire(&g->sync[generation & 1]);
 #endif
   return ws.results[lane];
 }
