@@ -8,6 +8,9 @@
 //     any buffer. This is what makes the buffer reusable without clean-up kernels. The rendezvous
 //     also compares the call signature (kind + ring layout) of every rank, and tells peers when
 //     this rank failed earlier, so a mismatch or an earlier error skips the call on every rank.
+//     A timeout inside a kernel is broadcast at once to every rank's abort word for this epoch,
+//     which every wait polls, so the peers stop too, naming the rank that failed and its phase,
+//     instead of each waiting out its own timeout (intranode_device.cuh, report_failure).
 //  2. Every counter a peer writes is tagged with the epoch ((epoch << 32) | value); a stale word
 //     from an earlier kernel reads as 0. So counters never need resetting either.
 //  3. A ring (writer -> reader, channel) is single-producer (one warp group of the writer's sender
@@ -176,7 +179,7 @@ __device__ __forceinline__ void notify_meta_block(const Context& ctx, const Noti
     // Sticky: the dispatch kernel queued next publishes "failed" in its rendezvous, so every peer
     // skips that dispatch at once (and reports which peer failed) instead of timing out on us.
     if (args.num_worst_tokens > 0 && total > args.num_worst_tokens)
-      report_failure(ctx, kErrorInvalidInput, kPhaseNotify, -1, total);
+      report_failure(ctx, epoch, kErrorInvalidInput, kPhaseNotify, -1, total);
     if (args.recv_counters != nullptr) {
       args.recv_counters->num_recv_tokens = total;
       ptx::fence_sc_sys();
@@ -436,6 +439,10 @@ __device__ __forceinline__ void combine_recv(const Context& ctx, const CombineAr
   const int tile = round_size(layout.num_slots);
   int begin, end;
   channel_token_range(args.num_tokens, args.num_channels, channel, begin, end);
+  // The slot of the warp's current token in each rank's ring (nullptr: not sent there). In shared
+  // memory, not in 16 registers: the summing loop then fits the 80 registers 768 threads allow.
+  __shared__ const char* s_slots[kBlockWarps][kMaxRanks];
+  const char* const* slots = s_slots[warp];
 
   // Thread r < R tracks ring (r -> me, channel).
   int released = 0;
@@ -462,13 +469,10 @@ __device__ __forceinline__ void combine_recv(const Context& ctx, const CombineAr
         position = args.channel_pos[int64_t(token) * num_ranks + lane];
       }
       const unsigned mask = __ballot_sync(0xffffffffu, in_rank);
-      const char* slots[kMaxRanks];
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r) {
-        const int p = __shfl_sync(0xffffffffu, position, r);
-        slots[r] = ((mask >> r) & 1u) ? at<const char>(ctx.buffers[ctx.rank], layout.slot_offset(r, channel, p))
+      if (lane < kMaxRanks)
+        s_slots[warp][lane] = in_rank ? at<const char>(ctx.buffers[ctx.rank], layout.slot_offset(lane, channel, position))
                                       : nullptr;
-      }
+      __syncwarp();
       const int4* bias0 = args.bias0 == nullptr ? nullptr
                           : reinterpret_cast<const int4*>(static_cast<const char*>(args.bias0) + int64_t(token) * args.hidden * 2);
       const int4* bias1 = args.bias1 == nullptr ? nullptr
@@ -502,6 +506,7 @@ __device__ __forceinline__ void combine_recv(const Context& ctx, const CombineAr
             weight += ptx::ld_cg(reinterpret_cast<const float*>(slots[r] + slot.topk_weights_offset()) + lane);
         args.combined_topk_weights[int64_t(token) * args.num_topk + lane] = weight;
       }
+      __syncwarp();  // every lane is done with s_slots[warp] before the next token rewrites it
     }
     __syncthreads();  // every read of this round's slots is done
     if (threadIdx.x < num_ranks && need > released) {

@@ -37,6 +37,12 @@ constexpr int kNumMaxLocalExpertsHost = 1024;  // == kMaxLocalExperts in intrano
 constexpr uint32_t kSignatureLimit = 0x80000000u;
 constexpr uint32_t kSignaturePeerFailed = 0xFFFFFFFFu;
 
+// ErrorSlot::code of a rank that stopped waiting because the kernel of a peer (or its own) in the
+// same call timed out and broadcast an abort word (intranode_layout.cuh): peer = the rank that
+// failed, detail = the abort word's value (pack_abort: that rank's code, phase and peer). Beside
+// the shared ErrorCode values (runtime/error_slot.hpp), read only by IpcBuffer::error_message.
+constexpr int kErrorPeerAborted = 16;
+
 // Host-mapped (cudaHostAllocMapped): notify writes the receive sizes here so the host learns them
 // without synchronising the device. `ready` goes 0 -> 1 after the other fields are written.
 struct RecvCounters {

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <thread>
 
+#include "kernels/common/intranode_layout.cuh"
 #include "runtime/errors.hpp"
 
 namespace ep_comm {
@@ -178,6 +179,18 @@ std::string IpcBuffer::error_message() const {
             "top-k, FP8 scales, with or without topk_weights, and the same Config (call signature "
          << mine << " here, " << theirs << " on rank " << s.peer << ")";
     }
+  } else if (s.code == intranode::kErrorPeerAborted) {
+    // detail: the abort word's value, from the rank that failed first in this call.
+    const intranode::AbortInfo failed = intranode::unpack_abort(static_cast<std::uint32_t>(s.detail));
+    os << "ep_comm rank " << s.rank << " stopped waiting in phase " << phase_name(s.phase) << " because rank "
+       << failed.rank << " failed in phase " << phase_name(failed.phase) << " of the same call (rank " << failed.rank;
+    if (failed.code == kErrorTimeout) {
+      os << " timed out";
+      if (failed.peer >= 0) os << " waiting for peer " << failed.peer;
+    } else {
+      os << " reported device error " << failed.code;
+    }
+    os << "; see rank " << failed.rank << "'s error)";
   } else {
     os << describe_error(s);
   }

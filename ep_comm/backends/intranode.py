@@ -19,7 +19,10 @@ buffer is unusable afterwards on every rank, so all ranks must destroy their Buf
 new ones. Every kernel (notify, dispatch, cached dispatch, combine) checks in its start rendezvous
 that all ranks launched the same kind of call with the same ring layout (`_signature`), and a rank
 that failed earlier (e.g. received more rows than num_worst_tokens) tells its peers there, so they
-skip the call instead of timing out. `destroy()` must be called by all ranks after their last
+skip the call instead of timing out. A timeout inside a running kernel is broadcast to every rank
+at once (an abort word in each rank's buffer, tagged with the call), so the peers waiting in the
+same call stop within microseconds with an error naming the rank that failed and its phase.
+`destroy()` must be called by all ranks after their last
 communication call (a peer may still be writing into this rank's buffer otherwise); interpreter
 exit destroys what is left.
 """

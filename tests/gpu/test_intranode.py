@@ -13,7 +13,8 @@ Without a GPU the same tests run the same kernels on the emulated device (common
 
 Kernel-only cases: CUDA-graph capture of the no-host-sync path (num_worst_tokens dispatch,
 combine, cached dispatch) replayed with new data; cross-rank mismatches and a num_worst_tokens
-overflow reported on every rank at once (not after a device timeout); a timeout naming its peer.
+overflow reported on every rank at once (not after a device timeout), also when the ranks launch
+one after another; a timeout naming its peer; a timeout inside a kernel stopping every peer at once.
 """
 from __future__ import annotations
 
@@ -366,3 +367,128 @@ def _overflow_body(rank, world, group, seed):
 
 def test_intranode_worst_tokens_overflow_fails_every_rank_fast():
     run_ranks(_overflow_body, 3, seed=SEED + 11, timeout_s=300)
+
+
+# ---- a failure inside a running kernel stops every peer at once ------------------------------------
+
+_LONG_TIMEOUT_S = "30"   # the peers' device timeout: they must end long before it
+_SHORT_TIMEOUT_S = "2"   # the failing rank's
+
+
+def _expert_of(rank: int) -> int:
+    """The first of rank `rank`'s local experts (4 per rank in these tests)."""
+    return 4 * rank
+
+
+def _routed_inputs(rank, world, seed, routes, device):
+    """24 tokens of this rank, each sent to the ranks in routes[rank] (top-`world`: one expert per
+    listed rank, the rest -1). Returns (x, topk_idx, topk_weights)."""
+    inputs = make_inputs(seed, rank, 24, HIDDEN, world, 4 * world)
+    dests = list(routes[rank]) + [-1] * (world - len(routes[rank]))
+    idx = torch.tensor([[_expert_of(d) if d >= 0 else -1 for d in dests]] * 24, dtype=torch.int64)
+    return inputs.x.to(device), idx.to(device), inputs.topk_weights.to(device)
+
+
+def _abort_body(rank, world, group, seed, where):
+    """Rank 0 fails inside a kernel (a short device timeout); every other rank, with a long one,
+    must stop within seconds with an error naming rank 0 and the phase it failed in, instead of
+    waiting out its own timeout.
+
+    where="notify": the peers start their dispatch only after rank 0 timed out in the rendezvous
+    of its notify kernel; their notify then waits for counts rank 0 never sends.
+    where="combine": both run combine with handles of two different dispatches (the signatures
+    agree, the routing does not), so each waits in combine-recv for rows the other never sends.
+    """
+    os.environ["EP_COMM_TIMEOUT_S"] = _SHORT_TIMEOUT_S if rank == 0 else _LONG_TIMEOUT_S
+    device = setup_device(rank)
+    config = CONFIGS[0]
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend=KERNELS)
+    num_experts = 4 * world
+    try:
+        if where == "notify":
+            x, idx, w = _routed_inputs(rank, world, seed, [[0, 1]] * world, device)
+            layout = buffer.get_dispatch_layout(idx, num_experts)
+            kw = dict(num_tokens_per_rank=layout[0], is_token_in_rank=layout[3], num_tokens_per_expert=layout[2])
+            synchronize()
+            dist.barrier(group)
+            if rank != 0:
+                time.sleep(float(_SHORT_TIMEOUT_S) + 2)  # rank 0 has given up by now
+            start = time.monotonic()
+            with pytest.raises(RuntimeError) as info:
+                buffer.dispatch(x, topk_idx=idx, topk_weights=w, config=config, **kw)
+        else:
+            # Dispatch A: rank 0's tokens stay home, the others' go everywhere; B the other way round.
+            handles = []
+            for routes in ([[0]] + [list(range(world))] * (world - 1), [list(range(world))] + [[r] for r in range(1, world)]):
+                x, idx, w = _routed_inputs(rank, world, seed, routes, device)
+                layout = buffer.get_dispatch_layout(idx, num_experts)
+                synchronize()
+                dist.barrier(group)  # in step: rank 0's short timeout must not fire here
+                recv_x, _, _, _, handle, _ = buffer.dispatch(
+                    x, topk_idx=idx, num_tokens_per_rank=layout[0], is_token_in_rank=layout[3],
+                    num_tokens_per_expert=layout[2], config=config)
+                handles.append((recv_x, handle))
+            synchronize()
+            dist.barrier(group)
+            # Rank 0 expects its rows back from every peer (B), which return none (A), and vice versa.
+            recv_x, handle = handles[1] if rank == 0 else handles[0]
+            start = time.monotonic()
+            try:
+                buffer.combine(recv_x, handle, config=config)
+            except RuntimeError:
+                pass  # on the emulator the op synchronizes, so the error may come here already
+            with pytest.raises(RuntimeError) as info:
+                synchronize()
+                buffer.check_errors()
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+        if rank == 0:
+            assert "rank 0 timed out" in message, message
+        else:
+            # Rank 0 gives up wherever it waits first: in combine-recv for the peers' rows, or in
+            # combine-send for ring space its own stalled receiver never frees.
+            phase = "barrier" if where == "notify" else "combine-"
+            assert f"because rank 0 failed in phase {phase}" in message, message
+            assert elapsed < float(_LONG_TIMEOUT_S) / 3, f"rank {rank} took {elapsed:.1f} s to stop: {message}"
+        synchronize()
+        dist.barrier(group)
+    finally:
+        buffer.destroy()
+
+
+@pytest.mark.parametrize("where", ["notify", "combine"])
+def test_intranode_failure_inside_a_kernel_stops_every_peer_fast(where):
+    run_ranks(_abort_body, 2 if where == "notify" else 3, seed=SEED + 13, timeout_s=300, where=where)
+
+
+def _staggered_mismatch_body(rank, world, group, seed):
+    """The mismatch of _mismatch_body with the ranks launching combine one after another (rank 1,
+    then 0, then 2): rank 0 meets rank 1's signature at once, in its first blocks, while its later
+    blocks are still starting; rank 2 arrives when all of rank 0's blocks have published. Every
+    rank must still report the mismatch itself, not "rank 0 had already failed". Repeated under
+    the emulator's thread schedules (no effect on a GPU), each time on a fresh Buffer."""
+    for schedule in ("forward", "reverse", "random:11"):
+        os.environ["EP_COMM_EMU_SCHEDULE"] = schedule
+        x, idx, w, num_experts, config, buffer = _failure_case(rank, world, group, seed)
+        try:
+            per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
+            recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+                x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, config=config)
+            synchronize()
+            dist.barrier(group)
+            time.sleep({1: 0.0, 0: 0.3, 2: 0.6}.get(rank, 0.6))
+            try:
+                buffer.combine(recv_x, handle, topk_weights=recv_w if rank == 0 else None, config=config)
+            except RuntimeError:
+                pass
+            message = _raise_pending(buffer)
+            assert "launched different intranode calls" in message, f"schedule {schedule}: {message}"
+            dist.barrier(group)
+        finally:
+            buffer.destroy()
+    os.environ.pop("EP_COMM_EMU_SCHEDULE", None)
+
+
+def test_intranode_mismatch_is_reported_by_every_rank_when_launches_are_staggered():
+    run_ranks(_staggered_mismatch_body, 3, seed=SEED + 17, timeout_s=300)

@@ -28,19 +28,59 @@ __device__ __forceinline__ T* at(void* base, int64_t offset) {
 // Bounded waits
 // ---------------------------------------------------------------------------------------------
 
-// Records an error in the host-mapped slot (first one wins) and sets this rank's sticky device
-// flag, which the next kernel publishes to its peers in place of its signature.
-__device__ __forceinline__ void report_failure(const Context& ctx, int code, int phase, int peer, long long detail) {
-  report_error(ctx.error_slot, code, ctx.rank, phase, peer, detail);
-  ptx::st_relaxed_gpu(at<unsigned int>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()), 1u);
+// Tells every rank (this one too) that this rank's kernel of `epoch` failed, with the error it
+// just recorded in its error slot: the abort word of this epoch, unless another rank's failure in
+// the same call is already there (the first stays). The fields are read back from the slot, not
+// passed in, so the compiler cannot compute the word ahead in every kernel and hold it in a
+// register for the whole kernel (dispatch spilled a register when it did).
+__device__ __forceinline__ void broadcast_abort(const Context& ctx, uint64_t epoch) {
+  const ErrorSlot* recorded = ctx.error_slot;
+  const unsigned long long news = make_tagged(
+      epoch, pack_abort(ptx::ld_relaxed_sys(&recorded->rank), ptx::ld_relaxed_sys(&recorded->code),
+                        ptx::ld_relaxed_sys(&recorded->phase), ptx::ld_relaxed_sys(&recorded->peer)));
+  for (int r = 0; r < ctx.num_ranks; ++r) {
+    auto* word = at<unsigned long long>(ctx.buffers[r], BufferLayout::abort_offset(epoch));
+    unsigned long long seen = ptx::ld_relaxed_sys(word);
+    while (!tag_matches(seen, epoch)) {
+      const unsigned long long before = atomicCAS_system(word, seen, news);
+      if (before == seen) break;
+      seen = before;
+    }
+  }
+}
+
+// Records an error in the host-mapped slot (first one wins). The first error of this rank also
+// sets its sticky device flag, tagged with this epoch, which the next kernel publishes to its
+// peers in place of its signature; and a timeout is broadcast to every rank's abort word, so
+// peers waiting in this same call stop at once instead of each waiting out its own timeout (a
+// mismatch needs no broadcast: every rank sees it in its own rendezvous).
+__device__ __forceinline__ void report_failure(const Context& ctx, uint64_t epoch, int code, int phase, int peer,
+                                               long long detail) {
+  if (!report_error(ctx.error_slot, code, ctx.rank, phase, peer, detail)) return;
+  ptx::st_relaxed_gpu(at<unsigned long long>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()),
+                      static_cast<unsigned long long>(make_tagged(epoch, 1u)));
+  if (code == kErrorTimeout) broadcast_abort(ctx, epoch);
+}
+
+// Whether a rank's kernel of this epoch broadcast an abort; if so, records that this rank stopped
+// waiting in `phase` because of it (naming that rank), and returns true.
+__device__ __forceinline__ bool abort_received(const Context& ctx, uint64_t epoch, int phase) {
+  const uint64_t word = ptx::ld_relaxed_sys(at<const unsigned long long>(ctx.buffers[ctx.rank], BufferLayout::abort_offset(epoch)));
+  if (!tag_matches(word, epoch)) return false;
+  report_failure(ctx, epoch, kErrorPeerAborted, phase, unpack_abort(uint32_t(word)).rank,
+                 static_cast<long long>(uint32_t(word)));
+  return true;
 }
 
 // How often a spinning thread also looks at the (host-mapped, slow to read) error slot, so that
 // once one thread of this rank gave up the others stop too instead of each waiting a full timeout.
 constexpr int kErrorPollInterval = 4096;
+// How often it looks at its abort word (device memory, cheap): from the first miss on.
+constexpr int kAbortPollInterval = 32;
 
 // Spins until the tagged word at `word` (in this rank's buffer) carries `epoch` and a value
-// >= `target`. Returns the value, or -1 after a timeout (reported) or another thread's error.
+// >= `target`. Returns the value, or -1 after a timeout (reported), an abort broadcast by a rank
+// that failed in this call (reported), or another thread's error.
 __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, uint64_t epoch,
                                                         uint32_t target, const Context& ctx,
                                                         int phase, int peer) {
@@ -49,9 +89,10 @@ __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, ui
     const uint64_t value = ptx::ld_acquire_sys(reinterpret_cast<const unsigned long long*>(word));
     if (tag_matches(value, epoch) && uint32_t(value) >= target) return int64_t(uint32_t(value));
     if (spin_timed_out(start, ctx.timeout_ns)) {
-      report_failure(ctx, kErrorTimeout, phase, peer, target);
+      report_failure(ctx, epoch, kErrorTimeout, phase, peer, target);
       return -1;
     }
+    if (iter % kAbortPollInterval == 1 && abort_received(ctx, epoch, phase)) return -1;
     if (iter % kErrorPollInterval == 0 && error_reported(ctx.error_slot)) return -1;
   }
 }
@@ -66,13 +107,15 @@ __device__ __forceinline__ int64_t wait_tagged_at_least(const uint64_t* word, ui
 
 // The epoch of the kernel now starting (all blocks read the same value: it only changes when the
 // last block of the kernel finishes), and whether an earlier kernel of this rank failed (the
-// sticky device flag; read in the same breath, so it costs no extra latency).
+// sticky device flag; read in the same breath, so it costs no extra latency). A flag tagged with
+// this epoch was set a moment ago by a sibling block of this very kernel: not "failed before".
 __device__ __forceinline__ uint64_t read_epoch(const Context& ctx, const BufferLayout& layout, bool& failed_before) {
   __shared__ uint64_t s_epoch;
   __shared__ unsigned int s_failed;
   if (threadIdx.x == 0) {
     s_epoch = ptx::ld_relaxed_gpu(at<unsigned long long>(ctx.buffers[ctx.rank], layout.epoch_offset())) + 1;
-    s_failed = ptx::ld_relaxed_gpu(at<unsigned int>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()));
+    const uint64_t failed = ptx::ld_relaxed_gpu(at<unsigned long long>(ctx.buffers[ctx.rank], BufferLayout::failed_offset()));
+    s_failed = failed != 0 && !tag_matches(failed, s_epoch);
   }
   __syncthreads();
   failed_before = s_failed != 0;
@@ -95,8 +138,10 @@ __device__ __forceinline__ uint64_t read_epoch(const Context& ctx, const BufferL
 // (a rank's next rendezvous needs every peer's word of that next epoch), so the slot of this
 // epoch's parity holds this epoch's word until it is read; only a failed rank, which stops
 // waiting once its error slot is set, can run further ahead, and its later words all say
-// "failed". A late block of the failing kernel itself may already read the flag and overwrite
-// this epoch's word with "failed": that only makes peers give up sooner on a call that failed.
+// "failed". A late block of a kernel that failed in its rendezvous (a sibling block saw a
+// mismatch) reads a flag tagged with this epoch, so it publishes its signature like the others,
+// and every peer reports the mismatch itself. A peer's abort of this epoch (a timeout somewhere,
+// e.g. a third rank that never came) ends the wait too, naming that peer.
 // Returns false (in every thread) if the work must be skipped.
 __device__ __forceinline__ bool start_rendezvous(const Context& ctx, const BufferLayout& layout, uint64_t epoch,
                                                  uint32_t signature, bool failed_before) {
@@ -120,16 +165,17 @@ __device__ __forceinline__ bool start_rendezvous(const Context& ctx, const Buffe
         break;
       }
       if (spin_timed_out(start, ctx.timeout_ns)) {
-        report_failure(ctx, kErrorTimeout, kPhaseBarrier, peer, static_cast<long long>(epoch));
+        report_failure(ctx, epoch, kErrorTimeout, kPhaseBarrier, peer, static_cast<long long>(epoch));
         break;
       }
+      if (iter % kAbortPollInterval == 1 && abort_received(ctx, epoch, kPhaseBarrier)) break;
       if (iter % kErrorPollInterval == 0 && error_reported(ctx.error_slot)) break;
     }
     if (!arrived) {
       failed = true;
     } else if (!failed_before && uint32_t(word) != signature) {
       // detail: this rank's signature in the high half, the peer's in the low half.
-      report_failure(ctx, kErrorInvalidInput, kPhaseBarrier, peer,
+      report_failure(ctx, epoch, kErrorInvalidInput, kPhaseBarrier, peer,
                      static_cast<long long>((uint64_t(signature) << 32) | (word & 0xffffffffull)));
       failed = true;
     }

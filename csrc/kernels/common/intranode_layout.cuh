@@ -7,7 +7,10 @@
 //
 // One rank's buffer (all offsets in bytes from its base, every region 128-byte aligned):
 //
-//   local state   epoch (u64), finished-block count (u32), failed flag (u32)   this rank only
+//   local state   epoch (u64), finished-block count (u32), failed flag (u64, tagged)  this rank only
+//                 abort[2] u64 [epoch parity]: (epoch << 32) | who failed in that call, and how
+//                 (pack_abort), written by any rank (this one too) whose kernel of that epoch
+//                 recorded a timeout; every wait of every rank polls its own word (tagged)
 //   started[2][R] u64 [epoch parity][peer p]: (epoch << 32) | p's call signature, written by p
 //                 when its kernel of that epoch starts (tagged)
 //   notify        u64 [R src][kMaxChannels] tokens src sends me in channel c     (tagged)
@@ -132,10 +135,15 @@ struct BufferLayout {
   // -- individual words and slots ---------------------------------------------------------------
   EP_HOST_DEVICE int64_t epoch_offset() const { return local_state_begin(); }
   EP_HOST_DEVICE int64_t finished_blocks_offset() const { return local_state_begin() + 8; }
-  // u32, 0 until a kernel of this rank records an error (sticky, like the host-mapped error slot,
-  // but in device memory so that the next kernel reads it cheaply before its rendezvous). Its
-  // address depends on nothing (local_state_begin() is 0): code without a layout reaches it too.
+  // u64, 0 until a kernel of this rank records its first error, then make_tagged(epoch of that
+  // kernel, 1) for good (sticky, like the host-mapped error slot, but in device memory so that the
+  // next kernel reads it cheaply before its rendezvous). The epoch tells an earlier call's failure
+  // from one that a sibling block of the running kernel recorded a moment ago. Its address
+  // depends on nothing (local_state_begin() is 0): code without a layout reaches it too.
   static EP_HOST_DEVICE int64_t failed_offset() { return 16; }
+  // abort[epoch parity]: a healthy peer is at most one kernel ahead, so a failure in the next call
+  // never overwrites the news of this one before it is read. Fixed address, like failed_offset().
+  static EP_HOST_DEVICE int64_t abort_offset(uint64_t epoch) { return 24 + int64_t(epoch & 1) * 8; }
   // started[parity][peer]: a healthy peer can be at most one kernel ahead (its next rendezvous
   // needs my word of that next epoch), so the slot of this epoch's parity is not overwritten
   // before it is read (a failed peer may run ahead: see start_rendezvous).
@@ -190,6 +198,28 @@ EP_HOST_DEVICE bool tag_matches(uint64_t word, uint64_t epoch) {
 // A counter from an older kernel counts as 0 for this one.
 EP_HOST_DEVICE uint32_t tagged_count(uint64_t word, uint64_t epoch) {
   return tag_matches(word, epoch) ? uint32_t(word & 0xffffffffull) : 0u;
+}
+
+// The value of an abort word (and the detail of the error a peer records when it sees one): the
+// rank whose kernel failed, the error code and phase it recorded, and the peer it was waiting for
+// (-1: none). Bit 31 is set, so the value is never 0.
+struct AbortInfo {
+  int rank;
+  int code;
+  int phase;
+  int peer;
+};
+EP_HOST_DEVICE uint32_t pack_abort(int rank, int code, int phase, int peer) {
+  return 0x80000000u | (uint32_t(code & 0x7f) << 24) | (uint32_t(phase & 0xff) << 16) |
+         (uint32_t((peer + 1) & 0xff) << 8) | uint32_t(rank & 0xff);
+}
+EP_HOST_DEVICE AbortInfo unpack_abort(uint32_t value) {
+  AbortInfo info;
+  info.rank = int(value & 0xffu);
+  info.peer = int((value >> 8) & 0xffu) - 1;
+  info.phase = int((value >> 16) & 0xffu);
+  info.code = int((value >> 24) & 0x7fu);
+  return info;
 }
 
 }  // namespace intranode
