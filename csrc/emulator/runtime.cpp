@@ -246,12 +246,16 @@ bool known_stream(cudaStream_t stream) {
   return s.all.count(stream) != 0;
 }
 
-void synchronize_all() {
+// Waits for the streams of the calling thread's current device, as CUDA's device-wide waits do
+// (ranks run as threads of one process each have their own device and must not wait for each other).
+void synchronize_device() {
+  const int device = t_device;
   std::vector<EpEmuStream*> list;
   {
     Streams& s = streams();
     std::lock_guard<std::mutex> lock(s.mutex);
-    list.assign(s.all.begin(), s.all.end());
+    for (EpEmuStream* st : s.all)
+      if (st->device == device) list.push_back(st);
   }
   for (EpEmuStream* st : list) st->wait_idle();
 }
@@ -491,7 +495,7 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   return fail(cudaErrorInvalidValue);
 }
 cudaError_t cudaDeviceSynchronize() {
-  synchronize_all();
+  synchronize_device();
   return sticky_status();
 }
 cudaError_t cudaDeviceCanAccessPeer(int* can_access, int device, int peer_device) {
@@ -560,7 +564,7 @@ cudaError_t cudaMalloc(void** ptr, size_t size) {
 
 cudaError_t cudaFree(void* ptr) {
   if (ptr == nullptr) return cudaSuccess;
-  synchronize_all();  // cudaFree waits for the device, as CUDA's does
+  synchronize_device();  // cudaFree waits for the device, as CUDA's does
   Mapping m;
   {
     Memory& mem = memory();
@@ -614,7 +618,8 @@ cudaError_t cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t str
   return cudaSuccess;
 }
 cudaError_t cudaMemset(void* ptr, int value, size_t count) {
-  synchronize_all();
+  synchronize_device();
+  if (sticky_status() != cudaSuccess) return sticky_status();  // a faulted context copies nothing
   if (count != 0 && ptr == nullptr) return fail(cudaErrorInvalidValue);
   if (count != 0) std::memset(ptr, value, count);
   return sticky_status();
@@ -629,7 +634,8 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t count, cudaMemcpy
 }
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind kind) {
   (void)kind;
-  synchronize_all();
+  synchronize_device();
+  if (sticky_status() != cudaSuccess) return sticky_status();  // a faulted context copies nothing
   if (count != 0 && (dst == nullptr || src == nullptr)) return fail(cudaErrorInvalidValue);
   if (count != 0) std::memmove(dst, src, count);
   return sticky_status();

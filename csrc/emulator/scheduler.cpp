@@ -25,6 +25,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -768,9 +769,18 @@ void run_grid(LaunchState* launch) {
   const dim3 g = launch->grid;
   std::vector<std::thread> blocks;
   blocks.reserve(static_cast<size_t>(g.x) * g.y * g.z);
-  for (unsigned z = 0; z < g.z; ++z)
-    for (unsigned y = 0; y < g.y; ++y)
-      for (unsigned x = 0; x < g.x; ++x) blocks.emplace_back(run_block, launch, uint3{x, y, z});
+  try {
+    for (unsigned z = 0; z < g.z; ++z)
+      for (unsigned y = 0; y < g.y; ++y)
+        for (unsigned x = 0; x < g.x; ++x) blocks.emplace_back(run_block, launch, uint3{x, y, z});
+  } catch (const std::system_error& e) {
+    // Thrown in the stream's worker, this would terminate the process. The blocks already started
+    // see the abort and end.
+    launch->fail("ep_comm emulated device: cannot start the thread of block " + std::to_string(blocks.size()) +
+                 " of kernel " + launch->name + " (" + e.what() +
+                 "): too many blocks alive in this process? (every block maps a stack and a guard page per thread: "
+                 "vm.max_map_count)");
+  }
   for (std::thread& t : blocks) t.join();
 }
 

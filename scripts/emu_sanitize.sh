@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The intranode kernels on the emulated device, ranks as threads of one process, under
+# AddressSanitizer+UBSan and ThreadSanitizer (and plain, with varied fiber schedules).
+#
+#   scripts/emu_sanitize.sh [plain] [address] [thread]     (default: all three)
+#
+# Builds tests/emulator/intranode_driver per variant in build/emu-check/<variant>/ (ninja: only what
+# changed is recompiled; see scripts/emu_build.py), runs small cases, and exits nonzero on any
+# mismatch, sanitizer report, emulated-device fault or timeout. Logs: build/emu-check/logs/.
+# Rank processes (tests/gpu/test_intranode.py on the emulator) cannot show cross-rank races to
+# TSan; one process with ranks as threads can (cudaIpcOpenMemHandle returns the peer's pointer).
+#
+# TSan: g++-12's libtsan is precise but slow (~15 s and ~3 GB per call with 2 ranks, 1 channel):
+# keep its cases few and small. No suppressions: every access the kernels make is ordered by an
+# acquire/release pair, a block barrier, a named barrier or __syncwarp, and TSan sees all of those.
+#
+# The sanitized ep_comm._C_emu (EP_COMM_EMU_SANITIZE=address|thread when building) is loaded by an
+# uninstrumented Python, so the sanitizer's runtime must be preloaded, e.g.
+#   LD_PRELOAD=$(g++ -print-file-name=libtsan.so) python -m pytest tests/gpu/test_intranode.py
+#   LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
+# but there every rank is its own process, so TSan sees no cross-rank sharing: that is what the
+# in-process driver here is for.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+VARIANTS=("$@")
+[ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=(plain address thread)
+
+# halt_on_error: the first report ends the run (nonzero). ASan: fibers switch stacks (the emulator
+# tells ASan), so fake stacks for use-after-return stay off. TSan: exitcode 66 also when a report
+# did not halt (e.g. a report from a thread that exits).
+export ASAN_OPTIONS="halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0:strict_string_checks=1"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+export TSAN_OPTIONS="halt_on_error=1:exitcode=66:report_signal_unsafe=0"
+# The kernels' own timeout (the driver's --timeout-s, 20 s) ends a hang first, naming rank, phase
+# and peer; the emulator's hang limit (EP_COMM_EMU_HANG_S) is the backstop.
+export EP_COMM_EMU_HANG_S="${EP_COMM_EMU_HANG_S:-60}"
+
+LOGS=build/emu-check/logs
+mkdir -p "$LOGS"
+FAILED=0
+START=$SECONDS
+
+build() {
+  if ! python3 scripts/emu_build.py --variant "$1" >"$LOGS/build-$1.log" 2>&1; then
+    echo "FAIL build $1 (see $LOGS/build-$1.log)"
+    tail -20 "$LOGS/build-$1.log"
+    FAILED=1
+    return 1
+  fi
+}
+
+# run VARIANT LIMIT_S NAME [ENV=VALUE ...] -- DRIVER_ARGS...
+run() {
+  local variant=$1 limit=$2 name=$3
+  shift 3
+  local envs=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
+  shift
+  local log="$LOGS/$variant-$name.log" t0=$SECONDS rc
+  env "${envs[@]}" timeout -k 5 "$limit" "build/emu-check/$variant/intranode_driver" "$@" >"$log" 2>&1
+  rc=$?
+  local why=""
+  if grep -q "WARNING: ThreadSanitizer" "$log"; then why="ThreadSanitizer report"
+  elif grep -qE "ERROR: (AddressSanitizer|LeakSanitizer)|runtime error:" "$log"; then why="AddressSanitizer/UBSan report"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then why="no result within ${limit} s"
+  elif [ $rc -ne 0 ]; then why="exit status $rc"
+  fi
+  if [ -n "$why" ]; then
+    echo "FAIL $variant $name ($((SECONDS - t0)) s): $why; ${envs[*]} build/emu-check/$variant/intranode_driver $*"
+    grep -E "MISMATCH|ERROR|FAULT|TIMEOUT|WARNING: |SUMMARY|runtime error" "$log" | head -15 | sed 's/^/    /'
+    echo "    log: $log"
+    FAILED=1
+  else
+    echo "ok   $variant $name ($((SECONDS - t0)) s)"
+  fi
+}
+
+for v in "${VARIANTS[@]}"; do
+  case $v in
+    plain|address|thread) ;;
+    *) echo "unknown variant $v (plain, address, thread)"; exit 2 ;;
+  esac
+  build "$v" || continue
+  case $v in
+    plain)
+      for seed in 1 2 3; do
+        run plain 120 "r2-seed$seed" -- --ranks 2 --seed $seed --iterations 2
+        run plain 120 "r3-seed$seed" -- --ranks 3 --seed $seed --tokens 32 --hidden 256 --iterations 2
+      done
+      run plain 120 r3-random-abort EP_COMM_EMU_SCHEDULE=random:7 -- --ranks 3 --seed 11 --tokens 32 --cases all,abort
+      run plain 120 r3-reverse-sync EP_COMM_EMU_SCHEDULE=reverse -- --ranks 3 --seed 12 --sync-each
+      run plain 120 r2-c1-slots2 -- --ranks 2 --seed 13 --channels 1 --slots 2
+      run plain 120 r4-c3 -- --ranks 4 --seed 14 --channels 3 --slots 6 --tokens 20
+      # several notify tiles (256 tokens) and warps per channel
+      run plain 120 r2-long -- --ranks 2 --seed 16 --channels 2 --slots 8 --tokens 600
+      run plain 180 r8 -- --ranks 8 --seed 15 --tokens 16 --channels 2
+      ;;
+    address)
+      run address 180 r2 -- --ranks 2 --seed 21 --iterations 2
+      run address 180 r3-random-abort EP_COMM_EMU_SCHEDULE=random:3 -- --ranks 3 --seed 22 --tokens 32 --hidden 256 --cases all,abort
+      ;;
+    thread)
+      run thread 300 r2 -- --ranks 2 --seed 31 --timeout-s 60
+      run thread 300 r3-bf16-abort -- --ranks 3 --seed 32 --cases bf16,abort --channels 1 --tokens 32 --timeout-s 60 --abort-timeout-s 10
+      # rounds of one row: every head release is waited for (see scripts/emu_mutants.py)
+      run thread 300 r2-random EP_COMM_EMU_SCHEDULE=random:5 -- --ranks 2 --seed 34 --tokens 32 --timeout-s 60
+      run thread 300 r2-row-ring -- --ranks 2 --seed 33 --cases bf16 --channels 1 --tokens 64 --slots 2 --timeout-s 60
+      ;;
+  esac
+done
+
+if [ $FAILED -ne 0 ]; then
+  echo "emu_sanitize: FAILED ($((SECONDS - START)) s)"
+  exit 1
+fi
+echo "emu_sanitize: all passed ($((SECONDS - START)) s)"
