@@ -17,7 +17,8 @@
 # The sanitized ep_comm._C_emu (EP_COMM_EMU_SANITIZE=address|thread when building) is loaded by an
 # uninstrumented Python, so the sanitizer's runtime must be preloaded, e.g.
 #   LD_PRELOAD=$(g++ -print-file-name=libtsan.so) python -m pytest tests/gpu/test_intranode.py
-#   LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
+#   LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
+#   (libstdc++ too: without it ASan's __cxa_throw interceptor aborts at the first C++ exception)
 # but there every rank is its own process, so TSan sees no cross-rank sharing: that is what the
 # in-process driver here is for.
 set -uo pipefail
