@@ -282,6 +282,17 @@ Memory& memory() {
   return *m;
 }
 
+// The cudaMalloc'd allocation that starts at `ptr` (false for anything else); `forget` removes it.
+bool find_own_allocation(void* ptr, Mapping* out, bool forget) {
+  Memory& mem = memory();
+  std::lock_guard<std::mutex> lock(mem.mutex);
+  auto it = mem.by_ptr.find(ptr);
+  if (it == mem.by_ptr.end() || !it->second.own) return false;
+  *out = it->second;
+  if (forget) mem.by_ptr.erase(it);
+  return true;
+}
+
 // Maps `bytes` (page multiple) from `fd` followed by a guard page. nullptr on failure.
 char* map_with_guard(int fd, size_t bytes) {
   const size_t page = page_bytes();
@@ -566,14 +577,7 @@ cudaError_t cudaFree(void* ptr) {
   if (ptr == nullptr) return cudaSuccess;
   synchronize_device();  // cudaFree waits for the device, as CUDA's does
   Mapping m;
-  {
-    Memory& mem = memory();
-    std::lock_guard<std::mutex> lock(mem.mutex);
-    auto it = mem.by_ptr.find(ptr);
-    if (it == mem.by_ptr.end() || !it->second.own) return fail(cudaErrorInvalidDevicePointer);
-    m = it->second;
-    mem.by_ptr.erase(it);
-  }
+  if (!find_own_allocation(ptr, &m, /*forget=*/true)) return fail(cudaErrorInvalidDevicePointer);
   unmap(m);
   close(m.fd);
   return cudaSuccess;
@@ -646,13 +650,7 @@ cudaError_t cudaMemcpy(void* dst, const void* src, size_t count, cudaMemcpyKind 
 cudaError_t cudaIpcGetMemHandle(cudaIpcMemHandle_t* handle, void* ptr) {
   if (handle == nullptr || ptr == nullptr) return fail(cudaErrorInvalidValue);
   Mapping m;
-  {
-    Memory& mem = memory();
-    std::lock_guard<std::mutex> lock(mem.mutex);
-    auto it = mem.by_ptr.find(ptr);
-    if (it == mem.by_ptr.end() || !it->second.own) return fail(cudaErrorInvalidDevicePointer);
-    m = it->second;
-  }
+  if (!find_own_allocation(ptr, &m, /*forget=*/false)) return fail(cudaErrorInvalidDevicePointer);
   IpcPayload p{};
   std::memcpy(p.magic, kIpcMagic, sizeof(kIpcMagic));
   p.pid = getpid();
