@@ -32,7 +32,8 @@ EMULATOR_SOURCES = [ROOT / "csrc" / "emulator" / "runtime.cpp", ROOT / "csrc" / 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-DEP_COMM_EMULATOR", f"-I{ROOT / 'csrc' / 'emulator' / 'include'}",
              f"-I{ROOT / 'csrc'}", "-O2", "-g1", "-pthread", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas"]
 SCHEDULES = ["forward", "reverse", "random:1", "random:2"]
-CORRECT_CASES = ["cross_block_spin", "grid_barrier", "syncthreads_reduce", "warp_collectives", "syncwarp_partial",
+CORRECT_CASES = ["cross_block_spin", "grid_barrier", "syncthreads_reduce", "warp_collectives", "warp_reductions",
+                 "syncwarp_partial",
                  "named_barriers", "shared_memory", "indexing"]
 FAULT_CASES = ["deadlock", "divergent_skip", "divergent_mask", "divergent_exit", "barrier_mismatch",
                "barrier_not_warp_multiple", "trap", "hang", "sticky_fault"]

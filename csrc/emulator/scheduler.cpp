@@ -184,6 +184,9 @@ const char* op_name(WarpOp op) {
     case WarpOp::kShflUp: return "__shfl_up_sync";
     case WarpOp::kShflDown: return "__shfl_down_sync";
     case WarpOp::kShflXor: return "__shfl_xor_sync";
+    case WarpOp::kReduceAdd: return "__reduce_add_sync";
+    case WarpOp::kReduceMinSigned: case WarpOp::kReduceMinUnsigned: return "__reduce_min_sync";
+    case WarpOp::kReduceMaxSigned: case WarpOp::kReduceMaxUnsigned: return "__reduce_max_sync";
   }
   return "?";
 }
@@ -378,6 +381,32 @@ void release_barrier(Block& b, int id) {
     }
 }
 
+// The 32-bit reduction of the lanes of `mask` (values hold the 32-bit patterns).
+uint64_t warp_reduce(WarpOp op, unsigned mask, const uint64_t* values) {
+  bool first = true;
+  uint32_t acc = 0;
+  for (int l = 0; l < 32; ++l) {
+    if (!((mask >> l) & 1u)) continue;
+    const uint32_t v = static_cast<uint32_t>(values[l]);
+    const auto sv = static_cast<int32_t>(v), sacc = static_cast<int32_t>(acc);
+    if (first) {
+      acc = v;
+      first = false;
+    } else if (op == WarpOp::kReduceAdd) {
+      acc += v;
+    } else if (op == WarpOp::kReduceMinSigned) {
+      acc = sv < sacc ? v : acc;
+    } else if (op == WarpOp::kReduceMinUnsigned) {
+      acc = v < acc ? v : acc;
+    } else if (op == WarpOp::kReduceMaxSigned) {
+      acc = sv > sacc ? v : acc;
+    } else {
+      acc = v > acc ? v : acc;
+    }
+  }
+  return acc;
+}
+
 void release_warp(Block& b, int warp, WarpGroup& g) {
   WarpState& ws = b.warps[warp];
   const unsigned mask = g.mask;
@@ -389,6 +418,13 @@ void release_warp(Block& b, int warp, WarpGroup& g) {
     bool own = false;
     switch (g.op) {
       case WarpOp::kSync: ws.results[lane] = 0; continue;
+      case WarpOp::kReduceAdd:
+      case WarpOp::kReduceMinSigned:
+      case WarpOp::kReduceMinUnsigned:
+      case WarpOp::kReduceMaxSigned:
+      case WarpOp::kReduceMaxUnsigned:
+        ws.results[lane] = warp_reduce(g.op, mask, ws.values);
+        continue;
       case WarpOp::kBallot: {
         uint64_t ballot = 0;
         for (int l = 0; l < 32; ++l)

@@ -1,5 +1,7 @@
 // Correct programs: each case checks its own results against a host reference and prints a
 // RESULT digest that must be the same under every fiber schedule (EP_COMM_EMU_SCHEDULE).
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "harness.hpp"
@@ -272,6 +274,57 @@ EMU_CASE(warp_collectives) {
   Digest digest;
   digest.add(got);
   digest.print("warp_collectives");
+  return 0;
+}
+
+// ---- warp reductions (__reduce_*_sync): signed and unsigned, full and partial masks -----------------------
+
+constexpr int kWarpReduceOut = 6;
+__device__ int reduce_value(int tid) { return (tid * 37) % 101 - 50; }  // negatives too
+
+__global__ void warp_reductions_kernel(long long* out) {
+  const int tid = threadIdx.x, lane = tid % 32;
+  long long* o = out + tid * kWarpReduceOut;
+  const int v = reduce_value(tid);
+  o[0] = __reduce_add_sync(0xffffffffu, v);
+  o[1] = __reduce_min_sync(0xffffffffu, v);
+  o[2] = __reduce_min_sync(0xffffffffu, static_cast<unsigned>(v));
+  o[3] = __reduce_max_sync(0xffffffffu, v);
+  o[4] = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(v));
+  o[5] = lane % 2 == 0 ? __reduce_min_sync(0x55555555u, v) : 0;
+}
+
+EMU_CASE(warp_reductions) {
+  constexpr int threads = 64;
+  auto* out = emu_test::device_alloc<long long>(threads * kWarpReduceOut);
+  EP_LAUNCH_KERNEL(warp_reductions_kernel, 1, threads, 0, emu_test::kDefaultStream, out);
+  CUDA_OK(cudaGetLastError());
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = to_host(out, threads * kWarpReduceOut);
+  auto host_value = [](int tid) { return (tid * 37) % 101 - 50; };
+  for (int t = 0; t < threads; ++t) {
+    const int lane = t % 32, base = t - lane;
+    long long sum = 0;
+    int smin = INT32_MAX, smax = INT32_MIN, even_min = INT32_MAX;
+    unsigned umin = UINT32_MAX, umax = 0;
+    for (int l = 0; l < 32; ++l) {
+      const int v = host_value(base + l);
+      sum += v;
+      smin = std::min(smin, v);
+      smax = std::max(smax, v);
+      umin = std::min(umin, static_cast<unsigned>(v));
+      umax = std::max(umax, static_cast<unsigned>(v));
+      if (l % 2 == 0) even_min = std::min(even_min, v);
+    }
+    const long long want[kWarpReduceOut] = {static_cast<int>(sum), smin, umin, smax, umax, lane % 2 == 0 ? even_min : 0};
+    for (int k = 0; k < kWarpReduceOut; ++k) {
+      const long long g = got[t * kWarpReduceOut + k];
+      CHECK(g == want[k], "thread %d result %d: got %lld, want %lld", t, k, g, want[k]);
+    }
+  }
+  Digest digest;
+  digest.add(got);
+  digest.print("warp_reductions");
   return 0;
 }
 

@@ -79,7 +79,10 @@ inline void named_barrier(int id, int num_threads, const char* file, int line) {
   block_barrier(id, num_threads, 0, "bar.sync", file, line);
 }
 
-enum class WarpOp : int { kSync, kBallot, kShflIdx, kShflUp, kShflDown, kShflXor };
+enum class WarpOp : int {
+  kSync, kBallot, kShflIdx, kShflUp, kShflDown, kShflXor,
+  kReduceAdd, kReduceMinSigned, kReduceMinUnsigned, kReduceMaxSigned, kReduceMaxUnsigned,
+};
 // One lane's part of a warp collective over the lanes of `mask`: `value` in, this lane's result out.
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
 
@@ -179,6 +182,21 @@ inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32, 
   return ::ep_comm::emu::from_bits<T>(::ep_comm::emu::warp_collective(
       ::ep_comm::emu::WarpOp::kShflXor, mask, ::ep_comm::emu::to_bits(value), lane_mask, width, emu_file, emu_line));
 }
+
+// sm_80 warp reductions over the lanes of `mask` (32-bit values; add wraps as on the GPU).
+#define EP_EMU_REDUCE(NAME, T, OP)                                                                     \
+  inline T NAME(unsigned mask, T value, EP_EMU_CALLER) {                                               \
+    return static_cast<T>(::ep_comm::emu::warp_collective(::ep_comm::emu::WarpOp::OP, mask,              \
+                                                          static_cast<uint32_t>(value), 0, 32, emu_file, \
+                                                          emu_line));                                    \
+  }
+EP_EMU_REDUCE(__reduce_add_sync, int, kReduceAdd)
+EP_EMU_REDUCE(__reduce_add_sync, unsigned, kReduceAdd)
+EP_EMU_REDUCE(__reduce_min_sync, int, kReduceMinSigned)
+EP_EMU_REDUCE(__reduce_min_sync, unsigned, kReduceMinUnsigned)
+EP_EMU_REDUCE(__reduce_max_sync, int, kReduceMaxSigned)
+EP_EMU_REDUCE(__reduce_max_sync, unsigned, kReduceMaxUnsigned)
+#undef EP_EMU_REDUCE
 
 // ---- timers and traps ---------------------------------------------------------------------------------
 inline void __nanosleep(unsigned int ns, EP_EMU_CALLER) { ::ep_comm::emu::nanosleep_ns(ns, emu_file, emu_line); }
