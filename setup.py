@@ -505,46 +505,42 @@ class NinjaBuildExt(build_ext):
         if isinstance(ext, EmulatorExtension):
             return self.build_emulator(ext)
         cfg = CUDA
-        # A stable folder in the source tree (not build_temp, which editable and isolated
-        # builds make anew each time) keeps ninja's state, so rebuilds are incremental.
-        # Not keyed on paths that change per build (isolated build envs live in temp dirs):
-        # ninja notices changed command lines by itself.
-        key = "|".join([sysconfig.get_config_var("EXT_SUFFIX") or "", cfg.cuda_home,
-                        ".".join(map(str, cfg.nvshmem_version))])
-        tag = f"{sys.implementation.cache_tag}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-        build_dir = os.path.join("build", "ninja", tag)
-        os.makedirs(os.path.join(ROOT, build_dir), exist_ok=True)
-        target = os.path.join(build_dir, "_C.so")
-        ninja_file = os.path.join(build_dir, "build.ninja")
-        write_if_changed(os.path.join(ROOT, ninja_file), build_ninja_text(cfg, build_dir, target))
-
-        print(f"ep_comm: building {ext.name} with CUDA {cfg.cuda_version[0]}.{cfg.cuda_version[1]} "
-              f"({cfg.cuda_home}), NVSHMEM {'.'.join(map(str, cfg.nvshmem_version))} "
-              f"({cfg.nvshmem_home}), archs {','.join(cfg.archs)}", flush=True)
-        result = subprocess.run([find_ninja(), "-f", ninja_file, "-j", str(max_jobs())], cwd=ROOT)
-        if result.returncode != 0:
-            raise RuntimeError(f"ep_comm: building {ext.name} failed (compiler output above); "
-                               f"rerun from {ROOT} with `ninja -f {ninja_file}`")
-
+        key = [cfg.cuda_home, ".".join(map(str, cfg.nvshmem_version))]
+        target = self.run_ninja(ext, "", key, "_C.so", lambda build_dir, target: build_ninja_text(cfg, build_dir, target),
+                                f"with CUDA {cfg.cuda_version[0]}.{cfg.cuda_version[1]} ({cfg.cuda_home}), NVSHMEM "
+                                f"{'.'.join(map(str, cfg.nvshmem_version))} ({cfg.nvshmem_home}), archs {','.join(cfg.archs)}",
+                                "")
         self.finish(ext, target)
 
     def build_emulator(self, ext: Extension) -> None:
         sanitizer = emulator_sanitizer()
-        key = "|".join([sysconfig.get_config_var("EXT_SUFFIX") or "", os.environ.get("CXX", "c++"), sanitizer])
-        tag = f"emu-{sys.implementation.cache_tag}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-        build_dir = os.path.join("build", "ninja", tag)
+        cxx = os.environ.get("CXX", "c++")
+        target = self.run_ninja(ext, "emu-", [cxx, sanitizer], "_C_emu.so", build_emulator_ninja_text,
+                                f"(the emulated device) with {cxx}" + (f", sanitizer {sanitizer}" if sanitizer else ""),
+                                ", or set EP_COMM_NO_EMULATOR=1")
+        # Sanitizer runtimes leave libc's symbols unversioned: the check would misfire there.
+        self.finish(ext, target, check_symbols=not sanitizer)
+
+    @staticmethod
+    def run_ninja(ext: Extension, prefix: str, key: list[str], library: str, ninja_text, what: str,
+                  hint: str) -> str:
+        """Writes and runs the ninja file of one extension; returns the built library's path."""
+        # A stable folder in the source tree (not build_temp, which editable and isolated
+        # builds make anew each time) keeps ninja's state, so rebuilds are incremental.
+        # Not keyed on paths that change per build (isolated build envs live in temp dirs):
+        # ninja notices changed command lines by itself.
+        digest = hashlib.sha1("|".join([sysconfig.get_config_var("EXT_SUFFIX") or ""] + key).encode()).hexdigest()
+        build_dir = os.path.join("build", "ninja", f"{prefix}{sys.implementation.cache_tag}-{digest[:8]}")
         os.makedirs(os.path.join(ROOT, build_dir), exist_ok=True)
-        target = os.path.join(build_dir, "_C_emu.so")
+        target = os.path.join(build_dir, library)
         ninja_file = os.path.join(build_dir, "build.ninja")
-        write_if_changed(os.path.join(ROOT, ninja_file), build_emulator_ninja_text(build_dir, target))
-        print(f"ep_comm: building {ext.name} (the emulated device) with {os.environ.get('CXX', 'c++')}"
-              + (f", sanitizer {sanitizer}" if sanitizer else ""), flush=True)
+        write_if_changed(os.path.join(ROOT, ninja_file), ninja_text(build_dir, target))
+        print(f"ep_comm: building {ext.name} {what}", flush=True)
         result = subprocess.run([find_ninja(), "-f", ninja_file, "-j", str(max_jobs())], cwd=ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"ep_comm: building {ext.name} failed (compiler output above); "
-                               f"rerun from {ROOT} with `ninja -f {ninja_file}`, or set EP_COMM_NO_EMULATOR=1")
-        # Sanitizer runtimes leave libc's symbols unversioned: the check would misfire there.
-        self.finish(ext, target, check_symbols=not sanitizer)
+                               f"rerun from {ROOT} with `ninja -f {ninja_file}`{hint}")
+        return target
 
     def finish(self, ext: Extension, target: str, check_symbols: bool = True) -> None:
         if check_symbols:
