@@ -385,10 +385,12 @@ def build_ninja_text(cfg: CudaConfig, build_dir: str, target: str) -> str:
 EMULATOR_DIR = os.path.join("csrc", "emulator") + os.sep
 # The kernel families the emulator runs, and the runtime and bindings they need.
 EMULATOR_SOURCES = [
-    "csrc/kernels/layout.cu", "csrc/kernels/intranode.cu",
-    "csrc/runtime/device.cpp", "csrc/runtime/ipc_buffer.cpp",
+    "csrc/kernels/layout.cu", "csrc/kernels/intranode.cu", "csrc/kernels/low_latency.cu",
+    "csrc/runtime/device.cpp", "csrc/runtime/ipc_buffer.cpp", "csrc/runtime/nvshmem_runtime.cpp",
     "csrc/bindings/module.cpp", "csrc/bindings/runtime.cpp", "csrc/bindings/intranode.cpp",
+    "csrc/bindings/low_latency.cpp",
     "csrc/emulator/bindings.cpp", "csrc/emulator/runtime.cpp", "csrc/emulator/scheduler.cpp",
+    "csrc/emulator/nvshmem.cpp",
 ]
 # The fiber scheduler switches stacks under TSan's feet: it is built without TSan
 # instrumentation and tells TSan about fibers and barriers itself (EP_EMU_TSAN).

@@ -21,11 +21,11 @@ PYBIND11_MODULE(EP_COMM_MODULE_NAME, m) {
 
   register_runtime(m);
   register_intranode(m);
+  register_low_latency(m);
 #ifdef EP_COMM_EMULATOR
-  register_emulator(m);  // the families that need NVSHMEM follow once the emulator provides it
+  register_emulator(m);
 #else
   register_internode(m);
-  register_low_latency(m);
   register_microbench(m);
 #endif
 }

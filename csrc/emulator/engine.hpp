@@ -18,6 +18,7 @@ struct LaunchState {
   size_t shared_bytes = 0;
   KernelBody body;
   long long hang_ns = 0;  // a block that makes no progress for this long is reported as hung
+  int device = 0;         // the device whose stream runs it (NVSHMEM calls find their PE by it)
 
   bool aborted() const { return aborted_.load(std::memory_order_acquire); }
   // Records the first fault and stops every block of the launch.
@@ -41,6 +42,14 @@ struct LaunchState {
 
 // Runs every block of the launch at once and returns when all have finished (scheduler.cpp).
 void run_grid(LaunchState* launch);
+
+// The device of the kernel the calling thread runs, or -1 outside a kernel (scheduler.cpp).
+int kernel_device();
+// The device whose work the calling thread does: its kernel's, else the host thread's current
+// device (runtime.cpp).
+int current_device();
+// Records a fault as the device's sticky error, like a failed kernel does (runtime.cpp).
+void record_device_fault(const std::string& message);
 
 }  // namespace emu
 }  // namespace ep_comm

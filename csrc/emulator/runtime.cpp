@@ -387,12 +387,21 @@ void enqueue_kernel(const char* name, const void* function, dim3 grid, dim3 bloc
   launch->shared_bytes = shared_bytes;
   launch->body = std::move(body);
   launch->hang_ns = hang_limit_ns();
-  resolve(static_cast<cudaStream_t>(stream))->push([launch] {
+  EpEmuStream* target = resolve(static_cast<cudaStream_t>(stream));
+  launch->device = target->device;
+  target->push([launch] {
     if (sticky().set.load(std::memory_order_acquire)) return;  // a faulted context runs nothing more
     run_grid(launch.get());
     if (launch->aborted()) record_fault(launch->error());
   });
 }
+
+int current_device() {
+  const int device = kernel_device();
+  return device >= 0 ? device : t_device;
+}
+
+void record_device_fault(const std::string& message) { record_fault(message); }
 
 }  // namespace emu
 }  // namespace ep_comm

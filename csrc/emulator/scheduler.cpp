@@ -187,6 +187,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::kReduceAdd: return "__reduce_add_sync";
     case WarpOp::kReduceMinSigned: case WarpOp::kReduceMinUnsigned: return "__reduce_min_sync";
     case WarpOp::kReduceMaxSigned: case WarpOp::kReduceMaxUnsigned: return "__reduce_max_sync";
+    case WarpOp::kMatchAny: return "__match_any_sync";
   }
   return "?";
 }
@@ -430,6 +431,13 @@ void release_warp(Block& b, int warp, WarpGroup& g) {
         for (int l = 0; l < 32; ++l)
           if (((mask >> l) & 1u) && ws.values[l] != 0) ballot |= 1ull << l;
         ws.results[lane] = ballot;
+        continue;
+      }
+      case WarpOp::kMatchAny: {
+        uint64_t same = 0;
+        for (int l = 0; l < 32; ++l)
+          if (((mask >> l) & 1u) && ws.values[l] == ws.values[lane]) same |= 1ull << l;
+        ws.results[lane] = same;
         continue;
       }
       case WarpOp::kShflIdx: src = segment + ((ws.args[lane] % width) + width) % width; break;
@@ -796,6 +804,8 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
 #endif
   return ws.results[lane];
 }
+
+int kernel_device() { return t_block != nullptr ? t_block->launch->device : -1; }
 
 [[noreturn]] void trap(const char* what, const char* file, int line) {
   fault_here(std::string(what) + " at " + base_name(file) + ":" + std::to_string(line));

@@ -659,7 +659,7 @@ void launch_combine_send(const Common& c, const CombineSendArgs& a, cudaStream_t
 }
 
 void launch_quiet(cudaStream_t stream) {
-  quiet_kernel<<<1, 1, 0, stream>>>();
+  EP_LAUNCH_KERNEL(quiet_kernel, 1, 1, 0, stream);
   EP_CUDA_CHECK_LAUNCH();
 }
 

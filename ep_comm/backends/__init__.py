@@ -25,5 +25,5 @@ def make_backend(kind: str, ctx: BackendContext, target: Optional[KernelTarget] 
         return InternodeBackend(ctx)
     if kind == "low_latency":
         from ep_comm.backends.low_latency import LowLatencyBackend
-        return LowLatencyBackend(ctx)
+        return LowLatencyBackend(ctx, target)
     raise ValueError(f"unknown backend {kind!r}; expected reference, intranode, internode or low_latency")

@@ -14,16 +14,18 @@ Rules it keeps so that calls can be captured in a CUDA graph and replayed:
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ep_comm import _ext
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, LowLatencyCombineArgs, LowLatencyDispatchArgs,
                                    LowLatencyDispatchOutput, LowLatencyHandle, destroy_at_exit)
+from ep_comm.backends.target import KernelTarget, cuda_target
 
 _FP8_BLOCK = 128
 _UE8M0_BLOCK = 512
@@ -57,16 +59,22 @@ class LowLatencyBackend(Backend):
     name = "low_latency"
     collective_destroy = True
 
-    def __init__(self, ctx: BackendContext) -> None:
+    def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
+        """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        self._C = _ext.require()
-        if ctx.device.type != "cuda":
-            raise RuntimeError("the low-latency kernels need a CUDA device")
+        if target is None:
+            if ctx.device.type != "cuda":
+                raise RuntimeError("the low-latency kernels need a CUDA device")
+            target = cuda_target(ctx.device)
+        elif ctx.device.type != target.device.type:
+            raise ValueError(f"this Buffer's device is {ctx.device}, but the low-latency kernels run on {target.device}")
+        self._target = target
+        self._C = target.module
         if ctx.num_rdma_bytes <= 0:
             raise ValueError("low_latency_mode=True needs num_rdma_bytes > 0; size it with "
                              "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, "
                              "num_ranks, num_experts)")
-        self.device = ctx.device
+        self.device = target.device
         self._destroyed = False
         self._sizes: Optional[Tuple[int, int, int]] = None   # (T, H, E) the buffer is laid out for
         self._combine_views: Dict[Tuple[int, int, int], torch.Tensor] = {}
@@ -76,9 +84,9 @@ class LowLatencyBackend(Backend):
         self._op_seq = 0
         self._pending_receives: set = set()
 
-        nvshmem.acquire(ctx, self._C, self.device.index)
+        nvshmem.acquire(ctx, self._C, target.device_index)
         try:
-            with torch.cuda.device(self.device):
+            with self._on_device():
                 self._runtime = self._C.LowLatencyRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
                                                           ctx.allow_nvlink_for_low_latency_mode, ctx.timeout_s)
         except BaseException:
@@ -98,8 +106,8 @@ class LowLatencyBackend(Backend):
         self._combine_views.clear()
         if self._runtime is None:
             return
-        with torch.cuda.device(self.device):
-            torch.cuda.synchronize(self.device)
+        with self._on_device():
+            self._synchronize()
             self._runtime.destroy()
         self._C.nvshmem_release()
 
@@ -117,7 +125,11 @@ class LowLatencyBackend(Backend):
             try:
                 self._runtime.check_error()
             except RuntimeError as e:
-                raise RuntimeError(f"{e}. The low-latency buffer is unusable until clean_low_latency_buffer() "
+                why = ""
+                if "invalid input" in str(e):
+                    why = (" (topk_idx held an expert id outside [-1, num_experts), or named one expert twice in a "
+                           "token; low-latency mode checks ids on the device)")
+                raise RuntimeError(f"{e}{why}. The low-latency buffer is unusable until clean_low_latency_buffer() "
                                    "runs on all ranks") from None
 
     def _fix_sizes(self, num_max_tokens: int, hidden: int, num_experts: int) -> None:
@@ -137,25 +149,43 @@ class LowLatencyBackend(Backend):
                              "ranks before changing sizes")
         self._sizes = sizes
 
-    def _begin_op(self, return_recv_hook: bool) -> int:
-        """Sequence number of a new op; refuses an op that would wait forever for its own rank.
+    def _send(self, launch: Callable[[], None], return_recv_hook: bool) -> int:
+        """Launches an op's send kernel and returns the op's sequence number; refuses an op that would
+        wait forever for its own rank.
 
         Two ops in a row use the two halves of the buffer; op n reuses op n-2's half and its send
         waits until every rank (this one included) received op n-2. If op n-2's hook was not called
-        yet, that wait could never end.
+        yet, that wait could never end. The host numbers ops as the device does: only a launched send
+        advances the count (the last block of every send kernel advances the device's), so a launch
+        that raised leaves both where they were.
         """
         seq = self._op_seq
         if seq - 2 in self._pending_receives:
             raise RuntimeError("the receive hook of the low-latency call before the previous one has not been called; "
                                "at most two low-latency calls may await their hooks (the buffer has two halves). "
                                "Call that hook, or, if it is lost, clean_low_latency_buffer() on all ranks")
-        self._op_seq += 1
+        launch()
+        self._op_seq = seq + 1
         if return_recv_hook:
             self._pending_receives.add(seq)
+        if self._target.emulated:
+            # CPU tensors have no stream to order the caller's next use of the inputs after the kernel.
+            self._target.after_op()
         return seq
 
     def _end_op(self, seq: int) -> None:
         self._pending_receives.discard(seq)
+
+    def _on_device(self):
+        """The CUDA device made current for a call into the runtime (nothing to do on the emulator)."""
+        return contextlib.nullcontext() if self._target.emulated else torch.cuda.device(self.device)
+
+    def _synchronize(self) -> None:
+        """Waits for this rank's device (raises on the emulator if it faulted)."""
+        if self._target.emulated:
+            self._target.after_op()
+        else:
+            torch.cuda.synchronize(self.device)
 
     # ---- dispatch ------------------------------------------------------------------------------
     def low_latency_dispatch(self, args: LowLatencyDispatchArgs) -> LowLatencyDispatchOutput:
@@ -192,15 +222,11 @@ class LowLatencyBackend(Backend):
             recv_x = torch.empty(experts_per_rank, rows, hidden, dtype=torch.bfloat16, device=device)
         stats = args.cumulative_local_expert_recv_stats
 
-        seq = self._begin_op(args.return_recv_hook)
-        send_stream = torch.cuda.current_stream(device)
-        try:
-            self._runtime.dispatch_send(num_max_tokens, hidden, num_experts, x.data_ptr(), topk_idx.data_ptr(),
-                                        num_tokens, num_topk, args.use_fp8, args.round_scale, token_slot.data_ptr(),
-                                        send_count.data_ptr(), call_epoch.data_ptr(), send_stream.cuda_stream)
-        except BaseException:
-            self._end_op(seq)
-            raise
+        send_stream = self._current_stream()
+        seq = self._send(lambda: self._runtime.dispatch_send(
+            num_max_tokens, hidden, num_experts, x.data_ptr(), topk_idx.data_ptr(), num_tokens, num_topk,
+            args.use_fp8, args.round_scale, token_slot.data_ptr(), send_count.data_ptr(), call_epoch.data_ptr(),
+            self._stream_handle(send_stream)), args.return_recv_hook)
 
         def receive() -> None:
             self.check_errors()
@@ -211,7 +237,9 @@ class LowLatencyBackend(Backend):
                                         args.use_ue8m0, recv_x.data_ptr(),
                                         recv_scales.data_ptr() if recv_scales is not None else 0,
                                         recv_count.data_ptr(), recv_layout.data_ptr(),
-                                        stats.data_ptr() if stats is not None else 0, stream.cuda_stream)
+                                        stats.data_ptr() if stats is not None else 0, self._stream_handle(stream))
+            if self._target.emulated:
+                self._target.after_op()
 
         handle = LowLatencyHandle(buffer_id=ctx.buffer_id, backend=self.name, num_tokens=num_tokens, hidden=hidden,
                                   num_max_dispatch_tokens_per_rank=num_max_tokens, num_experts=num_experts,
@@ -241,14 +269,10 @@ class LowLatencyBackend(Backend):
                                                                                    dtype=torch.bfloat16, device=device)
         call_epoch = torch.empty(1, dtype=torch.int64, device=device)
 
-        seq = self._begin_op(args.return_recv_hook)
-        send_stream = torch.cuda.current_stream(device)
-        try:
-            self._runtime.combine_send(num_max_tokens, hidden, num_experts, x.data_ptr(), bool(args.zero_copy),
-                                       layout.recv_layout.data_ptr(), call_epoch.data_ptr(), send_stream.cuda_stream)
-        except BaseException:
-            self._end_op(seq)
-            raise
+        send_stream = self._current_stream()
+        seq = self._send(lambda: self._runtime.combine_send(
+            num_max_tokens, hidden, num_experts, x.data_ptr(), bool(args.zero_copy), layout.recv_layout.data_ptr(),
+            call_epoch.data_ptr(), self._stream_handle(send_stream)), args.return_recv_hook)
 
         def receive() -> None:
             self.check_errors()
@@ -258,7 +282,9 @@ class LowLatencyBackend(Backend):
             self._runtime.combine_recv(num_max_tokens, hidden, num_experts, call_epoch.data_ptr(),
                                        topk_idx.data_ptr(), topk_weights.data_ptr(), layout.token_slot.data_ptr(),
                                        layout.send_count.data_ptr(), num_tokens, num_topk, target.data_ptr(),
-                                       stream.cuda_stream)
+                                       self._stream_handle(stream))
+            if self._target.emulated:
+                self._target.after_op()
             if out is not None and target is not out:
                 out.copy_(target)
 
@@ -285,9 +311,13 @@ class LowLatencyBackend(Backend):
             experts_per_rank = num_experts // self.ctx.num_ranks
             rows = self.ctx.num_ranks * num_max_tokens
             num_bytes = experts_per_rank * rows * hidden * 2
-            memory = _DeviceMemory(self._runtime.buffer_ptr + offsets["combine_staging_offset"], num_bytes,
-                                   self._runtime)
-            raw = torch.as_tensor(memory, device=self.device)
+            address = self._runtime.buffer_ptr + offsets["combine_staging_offset"]
+            if self._target.emulated:
+                # Emulated device memory is host memory: a CPU tensor over it (the ctypes array holds
+                # the address; the runtime outlives the view through _combine_views).
+                raw = torch.frombuffer((ctypes.c_uint8 * num_bytes).from_address(address), dtype=torch.uint8)
+            else:
+                raw = torch.as_tensor(_DeviceMemory(address, num_bytes, self._runtime), device=self.device)
             view = raw.view(torch.bfloat16).view(experts_per_rank, rows, hidden)
             self._combine_views[key] = view
         return view
@@ -303,8 +333,8 @@ class LowLatencyBackend(Backend):
             raise ValueError(f"clean_low_latency_buffer({num_max_dispatch_tokens_per_rank}, {hidden}, {num_experts}): "
                              f"these sizes need num_rdma_bytes >= {needed}, but this Buffer has "
                              f"{self.ctx.num_rdma_bytes}")
-        with torch.cuda.device(self.device):
-            torch.cuda.synchronize(self.device)
+        with self._on_device():
+            self._synchronize()
             # Receive kernels do not quiet their acks; deliver them before the barrier, so no
             # peer's ack can land after our reset below.
             self._runtime.quiet()
@@ -316,10 +346,21 @@ class LowLatencyBackend(Backend):
         self._pending_receives.clear()   # whatever was in flight is abandoned
 
     # ---- plumbing ------------------------------------------------------------------------------
-    def _stream_after(self, send_stream: "torch.cuda.Stream", tensors: list) -> "torch.cuda.Stream":
+    def _current_stream(self) -> Optional["torch.cuda.Stream"]:
+        """The current CUDA stream (None on the emulator: there every op runs on stream 0 and ends
+        with a synchronize)."""
+        return None if self._target.emulated else torch.cuda.current_stream(self.device)
+
+    @staticmethod
+    def _stream_handle(stream: Optional["torch.cuda.Stream"]) -> int:
+        return 0 if stream is None else stream.cuda_stream
+
+    def _stream_after(self, send_stream: Optional["torch.cuda.Stream"], tensors: list) -> Optional["torch.cuda.Stream"]:
         """The stream a receive runs on: the current one, ordered after the send it completes. When
         that is another stream, the tensors the receive touches are marked as used there, so the
         caching allocator does not hand their memory out before the receive is done."""
+        if send_stream is None:
+            return None
         stream = torch.cuda.current_stream(self.device)
         if stream != send_stream:
             stream.wait_stream(send_stream)

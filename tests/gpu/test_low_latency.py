@@ -25,9 +25,9 @@ import torch.distributed as dist
 import ep_comm
 from ep_comm import fp8
 from ep_comm.testing import calc_diff, make_inputs
-from common import GPU_TEST, KERNELS, not_emulated_yet, run_ranks, setup_device, synchronize
+from common import EMULATED, GPU_TEST, KERNELS, run_ranks, setup_device, synchronize
 
-pytestmark = [*GPU_TEST, not_emulated_yet("low-latency")]
+pytestmark = GPU_TEST
 
 SEED = 20261124
 TOKENS = 16          # num_max_dispatch_tokens_per_rank
@@ -322,7 +322,7 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
     case = _Case(seed + 500, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
     if rank != 0:
         short.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False)
-        torch.cuda.synchronize()
+        synchronize()
         with pytest.raises(RuntimeError, match=f"rank {rank} timed out in phase low-latency-dispatch-recv"):
             short.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False)
     dist.barrier(group)
@@ -335,11 +335,11 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
     _check_dispatch(f"rank {rank} after timeout", recv_x, recv_count, want[0], want[1], False)
     out, _, _ = short.low_latency_combine(y.to(_DEVICE), case.topk_idx, case.topk_weights, handle)
     _check_combine(f"rank {rank} after timeout combine", out, want[2])
-    torch.cuda.synchronize()
+    synchronize()
     short.destroy()
 
 
-def _body(rank: int, world: int, group, seed: int) -> None:
+def _body(rank: int, world: int, group, seed: int, p2p: bool) -> None:
     global _DEVICE
     _DEVICE = setup_device(rank)
     os.environ["EP_COMM_TIMEOUT_S"] = TIMEOUT_S
@@ -348,15 +348,21 @@ def _body(rank: int, world: int, group, seed: int) -> None:
     num_topk = min(5, num_experts)
     size = max(ep_comm.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, num_experts),
                ep_comm.Buffer.get_low_latency_rdma_size_hint(TOKENS_2, HIDDEN_2, world, 2 * world))
-    buf = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS)
+    buf = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS,
+                         allow_nvlink_for_low_latency_mode=p2p)
     ref = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend="reference")
     assert buf.backend_kind == KERNELS
+    if EMULATED:
+        # NVSHMEM maps every peer for direct stores (P2P), or none (every row is an NVSHMEM put).
+        assert [buf._low_latency._runtime.peer_is_p2p(p) for p in range(world)] == \
+            [p2p or p == rank for p in range(world)], "the emulated NVSHMEM's transport is not the one asked for"
 
     _check_modes_and_options(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_back_to_back(rank, world, buf, ref, num_experts, num_topk, seed)
-    for use_hook in (False, True):
-        _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
+    if not EMULATED:  # CUDA graphs need a GPU
+        for use_hook in (False, True):
+            _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
     _check_relayout(rank, world, buf, ref, seed)
     if world >= 2:
         _check_timeout(rank, world, group, ref, num_experts, num_topk, seed)
@@ -367,6 +373,12 @@ def _body(rank: int, world: int, group, seed: int) -> None:
     ref.destroy()
 
 
+@pytest.mark.parametrize("path", ["p2p", "put"])
 @pytest.mark.parametrize("world", [2, 4, 8])
-def test_low_latency_against_reference(world):
-    run_ranks(_body, world, timeout_s=600.0, seed=SEED + world)
+def test_low_latency_against_reference(world, path):
+    """path: 'p2p' stores rows directly into peers' buffers (NVLink, as on one node); 'put' sends
+    every row as an NVSHMEM put-with-signal (the network path, which the emulator runs by mapping
+    no peer: allow_nvlink_for_low_latency_mode=False sets NVSHMEM_DISABLE_P2P)."""
+    if path == "put" and not EMULATED:
+        pytest.skip("the put path needs a network transport between the ranks; one GPU has none")
+    run_ranks(_body, world, timeout_s=600.0, seed=SEED + world, p2p=path == "p2p")

@@ -4,3 +4,9 @@
 
 #include "cuda_runtime_api.h"
 #include "ep_emu/device.hpp"
+
+// CUDA's typed overload (cuda_runtime.h declares it too).
+template <typename T>
+inline cudaError_t cudaMalloc(T** ptr, size_t size) {
+  return cudaMalloc(reinterpret_cast<void**>(ptr), size);
+}

@@ -32,8 +32,11 @@ __device__ __forceinline__ uint32_t ue8m0_byte(float scale) {
   return (__float_as_uint(scale) >> 23) & 0xffu;
 }
 
+// Bit casts through memcpy (reading an int4 through a __nv_bfloat162* breaks strict aliasing;
+// nvcc turns the copies into register moves).
 __device__ __forceinline__ void bf16x8_to_float(const int4& raw, float (&v)[8]) {
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  __nv_bfloat162 pairs[4];
+  memcpy(pairs, &raw, sizeof(pairs));
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = __bfloat1622float2(pairs[i]);
@@ -43,10 +46,11 @@ __device__ __forceinline__ void bf16x8_to_float(const int4& raw, float (&v)[8]) 
 }
 
 __device__ __forceinline__ int4 float8_to_bf16x8(const float (&v)[8]) {
-  int4 raw;
-  __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+  __nv_bfloat162 pairs[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) pairs[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+  int4 raw;
+  memcpy(&raw, pairs, sizeof(raw));
   return raw;
 }
 

@@ -45,6 +45,7 @@ struct dim3 {
 };
 inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return uint2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 inline int2 make_int2(int x, int y) { return int2{x, y}; }
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
@@ -81,7 +82,7 @@ inline void named_barrier(int id, int num_threads, const char* file, int line) {
 
 enum class WarpOp : int {
   kSync, kBallot, kShflIdx, kShflUp, kShflDown, kShflXor,
-  kReduceAdd, kReduceMinSigned, kReduceMinUnsigned, kReduceMaxSigned, kReduceMaxUnsigned,
+  kReduceAdd, kReduceMinSigned, kReduceMinUnsigned, kReduceMaxSigned, kReduceMaxUnsigned, kMatchAny,
 };
 // One lane's part of a warp collective over the lanes of `mask`: `value` in, this lane's result out.
 uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width, const char* file, int line);
@@ -197,6 +198,13 @@ EP_EMU_REDUCE(__reduce_min_sync, unsigned, kReduceMinUnsigned)
 EP_EMU_REDUCE(__reduce_max_sync, int, kReduceMaxSigned)
 EP_EMU_REDUCE(__reduce_max_sync, unsigned, kReduceMaxUnsigned)
 #undef EP_EMU_REDUCE
+// The lanes of `mask` whose `value` equals this lane's.
+template <typename T>
+inline unsigned __match_any_sync(unsigned mask, T value, EP_EMU_CALLER) {
+  return static_cast<unsigned>(::ep_comm::emu::warp_collective(::ep_comm::emu::WarpOp::kMatchAny, mask,
+                                                               ::ep_comm::emu::to_bits(value), 0, 32, emu_file,
+                                                               emu_line));
+}
 
 // ---- timers and traps ---------------------------------------------------------------------------------
 inline void __nanosleep(unsigned int ns, EP_EMU_CALLER) { ::ep_comm::emu::nanosleep_ns(ns, emu_file, emu_line); }
@@ -235,9 +243,26 @@ inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fminf(float a, float b) { return std::fmin(a, b); }
 inline float fabsf(float a) { return std::fabs(a); }
 
-// ---- read-only loads ---------------------------------------------------------------------------------------
+// ---- loads ---------------------------------------------------------------------------------------------------
 template <typename T>
 inline T __ldg(const T* ptr) { return *ptr; }
+template <typename T>
+inline T __ldcg(const T* ptr) { return *ptr; }
+
+// ---- float arithmetic with explicit rounding (x86-64 SSE: IEEE round to nearest even, no FMA) ----------------
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
 
 // ---- atomics (CUDA's are relaxed; _system/_block only change the scope, which is moot here) -----------------
 #define EP_EMU_ATOMIC_SCOPES(NAME, BODY)                                              \
