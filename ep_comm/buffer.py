@@ -453,7 +453,8 @@ class Buffer:
                                  f"{v.UE8M0_BLOCK}, got {hidden}")
             v.check_row_alignment(x)
             v.check_base_alignment("x", x)
-            v.check_topk_idx(topk_idx, num_experts, num_tokens, x.device, distinct=True)
+            v.check_topk_idx(topk_idx, num_experts, num_tokens, x.device, distinct=True,
+                             read_values=self._low_latency_reads_values(backend))
             if cumulative_local_expert_recv_stats is not None:
                 v.check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats, torch.int32,
                                shape=[experts_per_rank], device=x.device)
@@ -487,7 +488,8 @@ class Buffer:
             v.check_tensor("x", x, torch.bfloat16,
                            shape=[handle.num_experts // self.group_size, rows, handle.hidden], device=device)
             v.check_base_alignment("x", x)
-            v.check_topk_idx(topk_idx, handle.num_experts, handle.num_tokens, x.device, distinct=True)
+            v.check_topk_idx(topk_idx, handle.num_experts, handle.num_tokens, x.device, distinct=True,
+                             read_values=self._low_latency_reads_values(backend))
             v.check_topk_weights(topk_weights, topk_idx, x.device)
             if out is not None:
                 v.check_tensor("out", out, torch.bfloat16, shape=[handle.num_tokens, handle.hidden], device=x.device)
@@ -521,6 +523,13 @@ class Buffer:
     def _require_low_latency(self) -> None:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
+
+    def _low_latency_reads_values(self, backend) -> bool:
+        """Whether a low-latency call checks topk_idx's values on the host. The kernels promise no
+        host synchronisation, so they check ids on the device and the next call, hook or
+        check_errors() raises; EP_COMM_CHECK_LOW_LATENCY_VALUES=1 adds the host check (a sync per
+        call) for debugging. The reference backend synchronises anyway and always checks."""
+        return backend is self._reference or v.low_latency_value_checks()
 
     def _launch_low_latency(self, fn: Callable, inputs: Sequence, async_finish: bool, on_gpu: bool):
         """Low-latency calls run on the current stream (CUDA-graph friendly) unless async_finish asks

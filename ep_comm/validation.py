@@ -58,14 +58,29 @@ def values_checkable(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def low_latency_value_checks() -> bool:
+    """EP_COMM_CHECK_LOW_LATENCY_VALUES=1: low-latency kernel calls also check ids on the host."""
+    return os.environ.get("EP_COMM_CHECK_LOW_LATENCY_VALUES", "0") not in ("", "0")
+
+
+# How many times a check read tensor values to the host (a device sync for CUDA tensors). Tests
+# use it to prove that low-latency kernel calls never do.
+host_value_reads = 0
+
+
 def check_topk_idx(topk_idx, num_experts: int, num_tokens: Optional[int] = None,
-                   device: Optional[torch.device] = None, distinct: bool = False) -> None:
-    """topk_idx: int64 [N, K], K <= 32, every id in [-1, num_experts)."""
+                   device: Optional[torch.device] = None, distinct: bool = False,
+                   read_values: bool = True) -> None:
+    """topk_idx: int64 [N, K], K <= 32, every id in [-1, num_experts) (and distinct per token when
+    `distinct`). The shape is always checked; the values only with `read_values` (and where
+    values_checkable allows), because reading them synchronises with the device."""
+    global host_value_reads
     check_tensor("topk_idx", topk_idx, torch.int64, shape=[num_tokens, None], device=device)
     if not 0 < topk_idx.shape[1] <= MAX_TOPK:
         raise ValueError(f"topk_idx has {topk_idx.shape[1]} slots per token; 1 to {MAX_TOPK} are supported")
-    if topk_idx.numel() == 0 or not values_checkable(topk_idx):
+    if not read_values or topk_idx.numel() == 0 or not values_checkable(topk_idx):
         return
+    host_value_reads += 1
     host = topk_idx.cpu()
     low, high = int(host.min()), int(host.max())
     if low < -1:

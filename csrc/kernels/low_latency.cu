@@ -158,19 +158,25 @@ __device__ __forceinline__ void put_row_with_count(void* dst, const void* src, i
 }
 
 // Block-collective, at the start of a send kernel: this op's epoch, after waiting until every
-// peer released the half this op is about to write (acked op epoch - 2).
-__device__ __forceinline__ uint64_t begin_send(const Common& c, unsigned long long* call_epoch, int phase) {
+// peer released the half this op is about to write (acked op epoch - 2). `may_send` is false when
+// a wait failed (timed out, or another thread reported an error): the block must then write
+// nothing into any peer, because a slow peer's half may still hold an op it has not received,
+// and it would receive our rows as that op's, silently. Its peers time out instead.
+__device__ __forceinline__ uint64_t begin_send(const Common& c, unsigned long long* call_epoch, int phase,
+                                               bool& may_send) {
   const uint64_t epoch = ptx::ld_relaxed_gpu(&c.state->ops_done) + 1;
   const int half = static_cast<int>(epoch & 1);
   if (blockIdx.x == 0 && threadIdx.x == 0) *call_epoch = epoch;
+  bool failed = false;
   if (epoch > 2) {
     // ack[half][peer] counts ops on this half that `peer` finished receiving; op epoch-2 is the
     // ((epoch-1)/2)-th of them (see the protocol comment at the top).
     const uint64_t acks_needed = (epoch - 1) / 2;
     for (int peer = threadIdx.x; peer < c.layout.num_ranks; peer += blockDim.x)
-      wait_at_least(c.layout.ack(c.buffer, half, peer), acks_needed, c, phase, peer, static_cast<long long>(epoch));
+      failed |= !wait_at_least(c.layout.ack(c.buffer, half, peer), acks_needed, c, phase, peer,
+                               static_cast<long long>(epoch));
   }
-  __syncthreads();
+  may_send = !__syncthreads_or(failed);
   return epoch;
 }
 
@@ -244,6 +250,14 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
   int* block_slots = rows_total + num_experts;
   int* block_experts = block_slots + tokens_per_block * num_topk;
 
+  // Bad input found while counting (before the credit wait) is reported at the end (finish()).
+  __shared__ int invalid_seen;
+  __shared__ long long invalid_detail;
+  auto note_invalid = [&](long long detail) {
+    if (atomicExch(&invalid_seen, 1) == 0) invalid_detail = detail;
+  };
+  if (tid == 0) invalid_seen = 0;
+
   // Counting does not touch the peers, so it overlaps the wait for their credits below.
   for (int i = tid; i < 2 * num_experts; i += blockDim.x) smem[i] = 0;
   __syncthreads();
@@ -256,8 +270,9 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
     const bool valid = expert >= 0 && expert < num_experts;
     if (i >= block_begin && i < block_end) {
       block_experts[i - block_begin] = valid ? static_cast<int>(expert) : -1;
-      if (expert >= num_experts)
-        report_error(c.error_slot, kErrorInvalidInput, c.rank, kPhaseLowLatencyDispatchSend, -1, expert);
+      // The host does not read topk_idx (no host sync in low-latency mode): an id out of range is
+      // noted here (the entry is skipped) and the next call, hook or check_errors() raises.
+      if (expert < -1 || expert >= num_experts) note_invalid(expert);
     }
     if (!valid) continue;
     atomicAdd(&rows_total[expert], 1);
@@ -266,8 +281,9 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
   __syncthreads();
 
   // Slots of this block's (token, k), in flat order: warp 0 walks its tokens one at a time with
-  // lane k holding slot k; lanes naming the same expert in one token (only possible when the
-  // host could not check distinctness) are ordered by k.
+  // lane k holding slot k. Experts must be distinct within a token; the host does not check (it
+  // would have to read topk_idx), so a repeat is reported here. Its rows are still sent, ordered
+  // by k, so that the counts every receiver waits for stay consistent.
   if (warp == 0) {
     for (int token = first_token; token < end_token; ++token) {
       const int local = (token - first_token) * num_topk + lane;
@@ -276,12 +292,13 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
       const unsigned same = __match_any_sync(0xffffffffu, key);
       const int rank_in_same = __popc(same & ((1u << lane) - 1u));
       int slot = valid ? rows_before[key] + rank_in_same : -1;
+      if (valid && rank_in_same > 0) note_invalid(token);
       __syncwarp();
       if (valid && rank_in_same == 0) rows_before[key] += __popc(same);
       __syncwarp();
       if (slot >= l.num_max_tokens) {
         // More rows for one expert than a source may send (T): a repeated expert in one token.
-        report_error(c.error_slot, kErrorInvalidInput, c.rank, kPhaseLowLatencyDispatchSend, -1, token);
+        note_invalid(token);
         slot = -1;
       }
       if (lane < num_topk) {
@@ -292,8 +309,20 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
     }
   }
 
-  const uint64_t epoch = begin_send(c, a.call_epoch, kPhaseLowLatencyDispatchSend);
+  bool may_send = false;
+  const uint64_t epoch = begin_send(c, a.call_epoch, kPhaseLowLatencyDispatchSend, may_send);
   const int half = static_cast<int>(epoch & 1);
+  // Bad input is reported only once this block's rows are out: an error in the slot makes waits
+  // give up early, and this op's rows must go out (or not) by the credits alone.
+  auto finish = [&] {
+    if (tid == 0 && invalid_seen)
+      report_error(c.error_slot, kErrorInvalidInput, c.rank, kPhaseLowLatencyDispatchSend, -1, invalid_detail);
+    end_send(c, epoch);
+  };
+  if (!may_send) {
+    finish();
+    return;
+  }
 
   // Counts first (one SET per expert, spread over all threads of the grid): receivers can lay
   // out their output while the rows are still in flight.
@@ -360,7 +389,7 @@ __global__ void __launch_bounds__(kNumThreads) dispatch_send_kernel(Common c, Di
       __syncwarp();
     }
   }
-  end_send(c, epoch);
+  finish();
 }
 
 // grid: experts_per_rank * blocks_per_expert; block (e, p) serves local expert e and the sources
@@ -490,8 +519,13 @@ __global__ void __launch_bounds__(kNumThreads) combine_send_kernel(Common c, Com
   const int global_warp = blockIdx.x * kNumWarps + threadIdx.x / 32;
   const int num_global_warps = gridDim.x * kNumWarps;
 
-  const uint64_t epoch = begin_send(c, a.call_epoch, kPhaseLowLatencyCombineSend);
+  bool may_send = false;
+  const uint64_t epoch = begin_send(c, a.call_epoch, kPhaseLowLatencyCombineSend, may_send);
   const int half = static_cast<int>(epoch & 1);
+  if (!may_send) {
+    end_send(c, epoch);
+    return;
+  }
 
   for (int pair = global_warp; pair < experts_per_rank * num_ranks; pair += num_global_warps) {
     const int local_expert = pair / num_ranks;

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import ep_comm
-from ep_comm import fp8
+from ep_comm import fp8, validation
 from ep_comm.testing import calc_diff, make_inputs
 from common import EMULATED, GPU_TEST, KERNELS, run_ranks, setup_device, synchronize
 
@@ -312,12 +312,14 @@ def _check_relayout(rank, world, buf, ref, seed):
         buf.clean_low_latency_buffer(huge, HIDDEN_2, num_experts)
 
 
-def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
+def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed, p2p):
     """Rank 0 skips a dispatch: every other rank's receive times out into a Python error, and
-    clean_low_latency_buffer brings the buffer back."""
+    clean_low_latency_buffer brings the buffer back. Then, on the same short-timeout buffer, the
+    cases that need a device timeout or a recorded error (each ends with a clean)."""
     os.environ["EP_COMM_TIMEOUT_S"] = "3"
     size = ep_comm.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, num_experts)
-    short = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS)  # shares NVSHMEM
+    short = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS,  # shares NVSHMEM
+                           allow_nvlink_for_low_latency_mode=p2p)
     os.environ["EP_COMM_TIMEOUT_S"] = TIMEOUT_S
     case = _Case(seed + 500, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
     if rank != 0:
@@ -336,7 +338,115 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed):
     out, _, _ = short.low_latency_combine(y.to(_DEVICE), case.topk_idx, case.topk_weights, handle)
     _check_combine(f"rank {rank} after timeout combine", out, want[2])
     synchronize()
+    _check_bad_ids(rank, world, group, short, num_experts, num_topk, seed)
+    _check_no_send_after_failed_credit(rank, world, group, short, ref, num_experts, num_topk, seed)
+    _check_failed_launch(rank, world, group, short, ref, num_experts, num_topk, seed)
+    synchronize()
     short.destroy()
+
+
+def _check_bad_ids(rank, world, group, buf, num_experts, num_topk, seed):
+    """Bad expert ids are found on the device, not by reading topk_idx on the host (a sync the
+    low-latency mode must not make): rank 0 names one expert twice in a token, rank 1 names an
+    expert that does not exist; each raises at its next check, naming itself. The peers receive."""
+    case = _Case(seed + 600, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
+    topk_idx = case.topk_idx.clone()
+    if rank == 0:
+        topk_idx[0, 1] = topk_idx[0, 0] = 0
+    elif rank == 1:
+        topk_idx[0, 0] = num_experts
+    reads = validation.host_value_reads
+    try:
+        buf.low_latency_dispatch(case.x, topk_idx, TOKENS, num_experts, use_fp8=False)
+    except RuntimeError as e:  # the emulator ends every call with a sync, so the hook's check may see it
+        assert rank in (0, 1) and "met invalid input" in str(e), f"rank {rank}: {e}"
+    synchronize()
+    assert validation.host_value_reads == reads, "a low-latency kernel call read topk_idx on the host"
+    if rank in (0, 1):
+        with pytest.raises(RuntimeError, match=f"rank {rank} met invalid input in phase low-latency-dispatch-send"):
+            buf.check_errors()
+    else:
+        buf.check_errors()
+    dist.barrier(group)
+    buf.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
+
+
+def _check_no_send_after_failed_credit(rank, world, group, buf, ref, num_experts, num_topk, seed):
+    """A send whose credit wait timed out must write nothing into the slow peer's buffer half.
+
+    Every rank sends op A with a hook; all but rank 1 receive it at once. Rank 0 then sends B and
+    C: C reuses A's half and waits for every peer's receive of A, which rank 1 has not run, so
+    C's wait times out. Only then does rank 1 receive A: it must get A's rows, not C's."""
+    cases = [_Case(seed + 700 + j, rank, world, TOKENS, HIDDEN, num_topk, num_experts) for j in range(3)]
+    want_a = _reference_round(ref, cases[0], TOKENS, num_experts,
+                              _expert_outputs(seed + 700, rank, num_experts // world, world * TOKENS, HIDDEN),
+                              use_fp8=False)
+    a = buf.low_latency_dispatch(cases[0].x, cases[0].topk_idx, TOKENS, num_experts, use_fp8=False,
+                                 return_recv_hook=True)
+    if rank != 1:
+        a[4]()
+    if rank == 0:
+        b = buf.low_latency_dispatch(cases[1].x, cases[1].topk_idx, TOKENS, num_experts, use_fp8=False,
+                                     return_recv_hook=True)
+        buf.low_latency_dispatch(cases[2].x, cases[2].topk_idx, TOKENS, num_experts, use_fp8=False,
+                                 return_recv_hook=True)
+    synchronize()
+    dist.barrier(group)
+    if rank == 1:
+        a[4]()
+        synchronize()
+        _check_dispatch(f"rank {rank} op received after a peer's credit timeout", a[0], a[1], want_a[0], want_a[1],
+                        False)
+    if rank == 0:
+        with pytest.raises(RuntimeError, match="rank 0 timed out in phase low-latency-dispatch-send waiting for peer 1"):
+            b[4]()
+    dist.barrier(group)
+    buf.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
+
+
+class _FailingRuntime:
+    """The runtime with a dispatch_send that raises once (a launch that fails on the host)."""
+
+    def __init__(self, runtime):
+        self._runtime = runtime
+        self.fail_next = True
+
+    def dispatch_send(self, *args):
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected launch failure")
+        return self._runtime.dispatch_send(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._runtime, name)
+
+
+def _check_failed_launch(rank, world, group, buf, ref, num_experts, num_topk, seed):
+    """A send launch that raises does not count as an op: with A's hook pending, a failed launch
+    and B sent, a third op must still be refused on the host (it would reuse A's half)."""
+    backend = buf._low_latency
+    case = _Case(seed + 800, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
+    send = lambda: buf.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False,  # noqa: E731
+                                            return_recv_hook=True)
+    a = send()
+    backend._runtime = _FailingRuntime(backend._runtime)
+    try:
+        with pytest.raises(RuntimeError, match="injected launch failure"):
+            send()
+    finally:
+        backend._runtime = backend._runtime._runtime
+    b = send()
+    with pytest.raises(RuntimeError, match="has not been called"):
+        send()
+    a[4]()
+    b[4]()
+    synchronize()
+    want = _reference_round(ref, case, TOKENS, num_experts,
+                            _expert_outputs(seed + 800, rank, num_experts // world, world * TOKENS, HIDDEN),
+                            use_fp8=False)
+    for tag, op in (("A", a), ("B", b)):
+        _check_dispatch(f"rank {rank} after a failed launch, op {tag}", op[0], op[1], want[0], want[1], False)
+    dist.barrier(group)
 
 
 def _body(rank: int, world: int, group, seed: int, p2p: bool) -> None:
@@ -365,7 +475,7 @@ def _body(rank: int, world: int, group, seed: int, p2p: bool) -> None:
             _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
     _check_relayout(rank, world, buf, ref, seed)
     if world >= 2:
-        _check_timeout(rank, world, group, ref, num_experts, num_topk, seed)
+        _check_timeout(rank, world, group, ref, num_experts, num_topk, seed, p2p)
     # Collective, in the same order everywhere (only on success: a failing rank must not block
     # its peers in a collective free).
     synchronize()
