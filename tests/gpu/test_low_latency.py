@@ -290,6 +290,25 @@ def _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook):
     torch.cuda.synchronize()
 
 
+def _check_no_host_sync(rank, world, buf, num_experts, num_topk, seed):
+    """A low-latency round with hooks never synchronises the host with the GPU (torch's sync debug
+    mode raises on any synchronising call; the emulator's counterpart is _check_bad_ids' count of
+    host reads of topk_idx)."""
+    case = _Case(seed + 900, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
+    y = _expert_outputs(seed + 900, rank, num_experts // world, world * TOKENS, HIDDEN).to(_DEVICE)
+    synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, _, handle, _, hook = buf.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=True,
+                                                         return_recv_hook=True)
+        hook()
+        _, _, hook = buf.low_latency_combine(y, case.topk_idx, case.topk_weights, handle, return_recv_hook=True)
+        hook()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    synchronize()
+
+
 def _check_relayout(rank, world, buf, ref, seed):
     """Other (T, H, E): refused without clean, fine after it; a size that does not fit is refused."""
     num_experts = 2 * world
@@ -470,7 +489,8 @@ def _body(rank: int, world: int, group, seed: int, p2p: bool) -> None:
     _check_modes_and_options(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_hooks(rank, world, buf, ref, num_experts, num_topk, seed)
     _check_back_to_back(rank, world, buf, ref, num_experts, num_topk, seed)
-    if not EMULATED:  # CUDA graphs need a GPU
+    if not EMULATED:  # CUDA graphs and torch's sync debug mode need a GPU
+        _check_no_host_sync(rank, world, buf, num_experts, num_topk, seed)
         for use_hook in (False, True):
             _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
     _check_relayout(rank, world, buf, ref, seed)
