@@ -129,7 +129,7 @@ __device__ __forceinline__ void put_ring_range(uint8_t* staging, uint8_t* remote
 // num_worst_tokens in an earlier dispatch whose combine is queued without a host check, ...) means
 // the counts this kernel would trust are garbage: e.g. combine would read x and recv_src_token past
 // their rows. Block-uniform; peers waiting on this rank time out and report.
-__device__ __forceinline__ bool earlier_error(const ErrorSlot* slot) {
+__device__ __forceinline__ bool earlier_error(const DeviceErrorSlot* slot) {
   return __syncthreads_or(threadIdx.x == 0 && error_reported(slot)) != 0;
 }
 

@@ -56,7 +56,7 @@ struct Context {
   int rank;
   int num_ranks;
   void* buffers[kNumMaxRanks];  // NVLink buffer of every rank in this process's address space
-  ErrorSlot* error_slot;        // device view of the host-mapped error slot
+  DeviceErrorSlot* error_slot;  // device half of the error slot (runtime/error_slot.hpp)
   long long timeout_ns;     // every spin-wait gives up after this many global-timer nanoseconds
 };
 

@@ -2,11 +2,24 @@
 // waiting for a peer), so that the host can raise "rank R timed out in phase P waiting for
 // peer Q" instead of the process hanging or dying on a device trap.
 //
+// Two halves: the record (ErrorSlot) in pinned, mapped host memory, which the host reads at any
+// time without a device sync; and a claim word in device memory (DeviceErrorSlot, cudaMalloc'd),
+// which writers race for. Why a device word: an atomic on host-mapped memory travels over PCIe,
+// and PCIe (on x86 hosts) does not make a compare-and-swap atomic, so two writers could both win
+// a CAS on the record's code and interleave their fields. A CAS on device memory is atomic among
+// this GPU's threads, the only writers of a rank's slot.
+//
 // Protocol (device side in kernels/common/timeout.cuh):
-//   writer: CAS code 0 -> kErrorWriting (first error wins), fill rank/phase/peer/detail,
-//           fence.sys, then store the real code with release semantics.
-//   host:   reads code with acquire; kErrorWriting means "wait, a writer is mid-way".
-// The struct is shared by host and device code; keep it trivially copyable.
+//   writer: CAS claimed 0 -> 1 on the device word (first error wins; losers drop theirs), fill
+//           rank/phase/peer/detail of the host record, then store its code with release.sys
+//           semantics (ordered after the fields as by a fence.sys): the host sees the code only
+//           once the fields are there.
+//   kernels: error_reported() reads the device word (cheap): set from the moment of the claim,
+//           the record's fields may still be in flight. Whatever a rank tells peers about its
+//           error (intranode's failed flag, abort words) is written by the winner after the code.
+//   host:   reads the record's code with acquire (0 = no error), then the fields. reset() clears
+//           both halves while no kernel may write the slot.
+// ErrorSlot and DeviceErrorSlot are shared by host and device code; keep them trivially copyable.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,7 +45,12 @@ enum ErrorCode : int {
   kErrorNone = 0,
   kErrorTimeout = 1,       // waited longer than timeout_ns for a peer
   kErrorInvalidInput = 2,  // the kernel met a value it cannot handle (detail says which)
-  kErrorWriting = -1,      // transient: a writer owns the slot and is filling it
+};
+
+// The device half of a slot (see the protocol above); kernels get a pointer to it.
+struct DeviceErrorSlot {
+  int claimed;        // 0 until a writer wins the slot; only this GPU's threads touch it
+  ErrorSlot* record;  // device view of the host-mapped record, fixed for the slot's life
 };
 
 // Where a kernel was when it failed. Numbers are stable (they travel through the slot and
@@ -95,52 +113,51 @@ inline std::string describe_error(const ErrorSlot& s) {
   return os.str();
 }
 
-// Owns one ErrorSlot in pinned, mapped host memory. Construct after the CUDA device is set.
+// Owns one slot: the record in pinned, mapped host memory and its device half. Construct after
+// the CUDA device is set.
 class ErrorSlotHost {
  public:
   ErrorSlotHost() {
-    EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), sizeof(ErrorSlot),
-                                cudaHostAllocMapped));
-    std::memset(host_, 0, sizeof(ErrorSlot));
-    const cudaError_t status = cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_), host_, 0);
-    if (status != cudaSuccess) {
-      cudaFreeHost(host_);
-      host_ = nullptr;
-      EP_CUDA_CHECK(status);
+    try {
+      EP_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&host_), sizeof(ErrorSlot), cudaHostAllocMapped));
+      std::memset(host_, 0, sizeof(ErrorSlot));
+      DeviceErrorSlot init{0, nullptr};
+      EP_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&init.record), host_, 0));
+      EP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&device_), sizeof(DeviceErrorSlot)));
+      EP_CUDA_CHECK(cudaMemcpy(device_, &init, sizeof(DeviceErrorSlot), cudaMemcpyHostToDevice));
+    } catch (...) {
+      release();
+      throw;
     }
   }
-  ~ErrorSlotHost() {
-    if (host_ != nullptr) cudaFreeHost(host_);  // no throw from a destructor
-  }
+  ~ErrorSlotHost() { release(); }
   ErrorSlotHost(const ErrorSlotHost&) = delete;
   ErrorSlotHost& operator=(const ErrorSlotHost&) = delete;
   ErrorSlotHost(ErrorSlotHost&& other) noexcept
       : host_(std::exchange(other.host_, nullptr)), device_(std::exchange(other.device_, nullptr)) {}
   ErrorSlotHost& operator=(ErrorSlotHost&& other) noexcept {
     if (this != &other) {
-      if (host_ != nullptr) cudaFreeHost(host_);
+      release();
       host_ = std::exchange(other.host_, nullptr);
       device_ = std::exchange(other.device_, nullptr);
     }
     return *this;
   }
 
-  // What kernels get (pass by value as a kernel argument).
-  ErrorSlot* device_ptr() const { return device_; }
-  // The same memory seen from the host (host-side reports, tests).
+  // What kernels get (pass by value as a kernel argument): the device half.
+  DeviceErrorSlot* device_ptr() const { return device_; }
+  // The record as the host sees it (host-side reports, tests).
   ErrorSlot* host_ptr() const { return host_; }
 
-  // Code as seen now; kErrorWriting while a writer is mid-way.
+  // Code as seen now: the writer stores it after the other fields.
   int code() const { return __atomic_load_n(&host_->code, __ATOMIC_ACQUIRE); }
 
   bool has_error() const { return code() != kErrorNone; }
 
-  // A consistent copy once the writer finished (spins briefly through kErrorWriting).
+  // A consistent copy: fields read after the code are those the writer published with it.
   ErrorSlot snapshot() const {
-    int c = code();
-    for (long spins = 0; c == kErrorWriting && spins < 100000000L; ++spins) c = code();
     ErrorSlot copy;
-    copy.code = c;
+    copy.code = code();
     copy.rank = __atomic_load_n(&host_->rank, __ATOMIC_RELAXED);
     copy.phase = __atomic_load_n(&host_->phase, __ATOMIC_RELAXED);
     copy.peer = __atomic_load_n(&host_->peer, __ATOMIC_RELAXED);
@@ -149,21 +166,31 @@ class ErrorSlotHost {
   }
 
   // Throws ep_comm::Error describing the recorded error, if any. Call after the kernel's
-  // stream synchronised (or while polling: a half-written slot is waited for).
+  // stream synchronised, or while polling (the record shows only once complete).
   void check_and_throw() const {
     if (!has_error()) return;
     throw Error(describe_error(snapshot()));
   }
 
-  // Clear for the next launch. Only while no kernel that may write the slot is running.
+  // Clear for the next launch: the record and the claim word. Only while no kernel that may
+  // write the slot is running; returns once both are clear.
   void reset() {
     std::memset(host_, 0, sizeof(ErrorSlot));
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    EP_CUDA_CHECK(cudaMemset(&device_->claimed, 0, sizeof(device_->claimed)));
+    EP_CUDA_CHECK(cudaStreamSynchronize(nullptr));  // the memset may still be queued on return
   }
 
  private:
+  void release() noexcept {  // no throw: runs in the destructor
+    if (device_ != nullptr) (void)cudaFree(device_);
+    if (host_ != nullptr) (void)cudaFreeHost(host_);
+    device_ = nullptr;
+    host_ = nullptr;
+  }
+
   ErrorSlot* host_ = nullptr;
-  ErrorSlot* device_ = nullptr;
+  DeviceErrorSlot* device_ = nullptr;
 };
 
 // Seconds -> the budget in global-timer nanoseconds that device waits compare against

@@ -15,11 +15,11 @@ namespace internode {
 
 // What every kernel of one call gets.
 struct Common {
-  uint8_t* buffer;          // this rank's symmetric buffer (same offsets on every rank)
-  Layout layout;            // laid out for this call's (hidden, channels, ring tokens)
+  uint8_t* buffer;              // this rank's symmetric buffer (same offsets on every rank)
+  Layout layout;                // laid out for this call's (hidden, channels, ring tokens)
   int rank;
-  uint64_t epoch;           // call number, the same on every rank; tags and flags carry it
-  ErrorSlot* error_slot;    // host-mapped
+  uint64_t epoch;               // call number, the same on every rank; tags and flags carry it
+  DeviceErrorSlot* error_slot;  // device half of the error slot (runtime/error_slot.hpp)
   long long timeout_ns;
 };
 

@@ -30,11 +30,12 @@ __device__ __forceinline__ T* at(void* base, int64_t offset) {
 
 // Tells every rank (this one too) that this rank's kernel of `epoch` failed, with the error it
 // just recorded in its error slot: the abort word of this epoch, unless another rank's failure in
-// the same call is already there (the first stays). The fields are read back from the slot, not
-// passed in, so the compiler cannot compute the word ahead in every kernel and hold it in a
-// register for the whole kernel (dispatch spilled a register when it did).
+// the same call is already there (the first stays). The fields are read back from the slot's
+// record (this thread wrote them), not passed in, so the compiler cannot compute the word ahead
+// in every kernel and hold it in a register for the whole kernel (dispatch spilled a register
+// when it did).
 __device__ __forceinline__ void broadcast_abort(const Context& ctx, uint64_t epoch) {
-  const ErrorSlot* recorded = ctx.error_slot;
+  const ErrorSlot* recorded = ctx.error_slot->record;
   const unsigned long long news = make_tagged(
       epoch, pack_abort(ptx::ld_relaxed_sys(&recorded->rank), ptx::ld_relaxed_sys(&recorded->code),
                         ptx::ld_relaxed_sys(&recorded->phase), ptx::ld_relaxed_sys(&recorded->peer)));
@@ -49,7 +50,7 @@ __device__ __forceinline__ void broadcast_abort(const Context& ctx, uint64_t epo
   }
 }
 
-// Records an error in the host-mapped slot (first one wins). The first error of this rank also
+// Records an error in the error slot (first one wins). The first error of this rank also
 // sets its sticky device flag, tagged with this epoch, which the next kernel publishes to its
 // peers in place of its signature; and a timeout is broadcast to every rank's abort word, so
 // peers waiting in this same call stop at once instead of each waiting out its own timeout (a
@@ -72,8 +73,9 @@ __device__ __forceinline__ bool abort_received(const Context& ctx, uint64_t epoc
   return true;
 }
 
-// How often a spinning thread also looks at the (host-mapped, slow to read) error slot, so that
-// once one thread of this rank gave up the others stop too instead of each waiting a full timeout.
+// How often a spinning thread also looks at the error slot (its claim word, in device memory), so
+// that once one thread of this rank gave up the others stop too instead of each waiting a full
+// timeout.
 constexpr int kErrorPollInterval = 4096;
 // How often it looks at its abort word (device memory, cheap): from the first miss on.
 constexpr int kAbortPollInterval = 32;
@@ -183,8 +185,8 @@ __device__ __forceinline__ bool start_rendezvous(const Context& ctx, const Buffe
   // An error recorded by an earlier kernel of this rank (sticky: the host raises it at its next
   // call, but kernels queued before that still run) means the buffer is out of step: e.g. more
   // rows than num_worst_tokens (then combine would read x past its rows). The device flag above
-  // covers errors of intranode kernels; this host-mapped read (by a thread that does not spin
-  // above, so it overlaps the wait) is a second line of defence. Peers were told through the
+  // covers errors of intranode kernels; this read of the error slot (by a thread that does not
+  // spin above, so it overlaps the wait) is a second line of defence. Peers were told through the
   // published signature when the flag was set; otherwise they time out and report.
   if (threadIdx.x == blockDim.x - 1 && threadIdx.x >= ctx.num_ranks && error_reported(ctx.error_slot))
     failed = true;

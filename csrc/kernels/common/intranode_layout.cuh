@@ -136,8 +136,8 @@ struct BufferLayout {
   EP_HOST_DEVICE int64_t epoch_offset() const { return local_state_begin(); }
   EP_HOST_DEVICE int64_t finished_blocks_offset() const { return local_state_begin() + 8; }
   // u64, 0 until a kernel of this rank records its first error, then make_tagged(epoch of that
-  // kernel, 1) for good (sticky, like the host-mapped error slot, but in device memory so that the
-  // next kernel reads it cheaply before its rendezvous). The epoch tells an earlier call's failure
+  // kernel, 1) for good (sticky, like the error slot, which the next kernel also reads before its
+  // rendezvous, but the slot cannot say which kernel failed). The epoch tells an earlier call's failure
   // from one that a sibling block of the running kernel recorded a moment ago. Its address
   // depends on nothing (local_state_begin() is 0): code without a layout reaches it too.
   static EP_HOST_DEVICE int64_t failed_offset() { return 16; }

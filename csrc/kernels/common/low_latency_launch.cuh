@@ -28,7 +28,7 @@ struct Common {
   uint8_t* buffer;              // this rank's symmetric buffer (same offsets on every peer)
   Layout layout;
   DeviceState* state;
-  ErrorSlot* error_slot;        // host-mapped; first device error wins
+  DeviceErrorSlot* error_slot;  // device half of the error slot; first device error wins
   int rank;
   int num_sms;                  // grid sizes are capped at this
   uint64_t timeout_ns;          // device waits give up after this long (global timer, not SM cycles)

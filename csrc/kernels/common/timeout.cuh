@@ -29,27 +29,32 @@ __device__ __forceinline__ bool spin_timed_out(long long start_ns, long long tim
 
 
 // Records the first error in the slot; later reports (other threads, other blocks) are
-// dropped. Returns whether this call's report was the one recorded.
-__device__ __forceinline__ bool report_error(ErrorSlot* slot, int code, int rank, int phase,
+// dropped. Returns whether this call's report was the one recorded. The claim is a CAS on
+// device memory (a CAS on the host-mapped record is not atomic over PCIe); only its winner
+// writes the record, whose code it stores last (see runtime/error_slot.hpp).
+__device__ __forceinline__ bool report_error(DeviceErrorSlot* slot, int code, int rank, int phase,
                                              int peer, long long detail = 0) {
   if (slot == nullptr) return false;
-  if (atomicCAS_system(&slot->code, kErrorNone, kErrorWriting) != kErrorNone) return false;
-  ptx::st_relaxed_sys(&slot->rank, rank);
-  ptx::st_relaxed_sys(&slot->phase, phase);
-  ptx::st_relaxed_sys(&slot->peer, peer);
-  ptx::st_relaxed_sys(&slot->detail, detail);
-  ptx::st_release_sys(&slot->code, code);  // publishes the fields above
+  if (atomicCAS(&slot->claimed, 0, 1) != 0) return false;
+  ErrorSlot* record = slot->record;
+  ptx::st_relaxed_sys(&record->rank, rank);
+  ptx::st_relaxed_sys(&record->phase, phase);
+  ptx::st_relaxed_sys(&record->peer, peer);
+  ptx::st_relaxed_sys(&record->detail, detail);
+  ptx::st_release_sys(&record->code, code);  // publishes the fields above to the host
   return true;
 }
 
-__device__ __forceinline__ bool report_timeout(ErrorSlot* slot, int rank, int phase, int peer,
+__device__ __forceinline__ bool report_timeout(DeviceErrorSlot* slot, int rank, int phase, int peer,
                                                long long detail = 0) {
   return report_error(slot, kErrorTimeout, rank, phase, peer, detail);
 }
 
-// Lets other threads of a kernel stop waiting once any thread gave up.
-__device__ __forceinline__ bool error_reported(const ErrorSlot* slot) {
-  return slot != nullptr && ptx::ld_relaxed_sys(&slot->code) != kErrorNone;
+// Lets other threads of a kernel stop waiting once any thread gave up: true from the moment a
+// writer claimed the slot (its record may still be in flight), for this and later kernels
+// until the host resets the slot.
+__device__ __forceinline__ bool error_reported(const DeviceErrorSlot* slot) {
+  return slot != nullptr && ptx::ld_relaxed_gpu(&slot->claimed) != 0;
 }
 
 }  // namespace ep_comm
