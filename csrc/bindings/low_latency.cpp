@@ -92,7 +92,17 @@ void register_low_latency(py::module_& m) {
         ep_comm::nvshmem_runtime::acquire(id, rank, num_ranks, device, group_key);
       },
       py::arg("unique_id"), py::arg("rank"), py::arg("num_ranks"), py::arg("device"), py::arg("group_key") = "",
-      "Initialise NVSHMEM (first call; collective) or take another reference. Raises instead of exiting.");
+      "Initialise NVSHMEM (first call; collective) or take another reference. Raises instead of exiting; "
+      "a failed initialisation is recorded, and every later call raises it (one initialisation per process).");
+  m.def("nvshmem_init_failure", &ep_comm::nvshmem_runtime::init_failure,
+        "The first failed NVSHMEM initialisation of this process, as nvshmem_acquire raised it; '' if none.");
+  m.def("nvshmem_initialised_here", &ep_comm::nvshmem_runtime::initialised_here,
+        "Whether ep_comm initialised NVSHMEM in this process and has not finalised it (referenced, or up but "
+        "abandoned).");
+  m.def("nvshmem_abandon", &ep_comm::nvshmem_runtime::abandon, py::arg("reason"), py::arg("finalize"),
+        py::call_guard<py::gil_scoped_release>(),
+        "After an initialising nvshmem_acquire that failed on some rank: give back its reference, record the "
+        "failure, and with finalize=True (every rank together, only if NVSHMEM came up on every rank) finalise.");
   m.def("nvshmem_release", &ep_comm::nvshmem_runtime::release, py::call_guard<py::gil_scoped_release>(),
         "Drop a reference; the last finalises NVSHMEM (collective).");
   m.def("nvshmem_reference_count", &ep_comm::nvshmem_runtime::reference_count);
@@ -102,8 +112,10 @@ void register_low_latency(py::module_& m) {
   m.def("nvshmem_n_pes", &ep_comm::nvshmem_runtime::num_pes);
 
   // ---- one low-latency Buffer ----
+  // module_local: ep_comm._C and ep_comm._C_emu both bind this C++ type, each for itself.
   py::class_<LowLatencyRuntime>(m, "LowLatencyRuntime",
-                                "NVSHMEM symmetric buffer, device state and error slot of one low-latency Buffer.")
+                                "NVSHMEM symmetric buffer, device state and error slot of one low-latency Buffer.",
+                                py::module_local())
       .def(py::init<int64_t, int, int, bool, double>(), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
            py::arg("use_p2p"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("destroy", &LowLatencyRuntime::destroy, py::call_guard<py::gil_scoped_release>())

@@ -21,6 +21,32 @@ int g_rank = -1;
 int g_num_ranks = -1;
 int g_device = -1;
 std::string g_group_key;
+// The first initialisation by ep_comm that failed or came up wrong in this process; empty if
+// none. Sticky: a failed nvshmemi_init_thread leaves NVSHMEM bootstrapped but not initialised (it
+// does not undo its bootstrap), so a second attempt would be misread as "initialised by another
+// library" or run into one of NVSHMEM's exit() paths (the UID bootstrap exits when it finds its
+// pre-init state gone). NVSHMEM supports one initialisation per process: restart instead.
+std::string g_failure;
+// NVSHMEM is initialised here but holds no reference: it came up other than asked (PE numbering),
+// or came up here while a peer failed. Only all ranks together may finalise it (abandon()).
+bool g_up_unreferenced = false;
+
+std::string where(int rank, int num_ranks, int device) {
+  return "rank " + std::to_string(rank) + " of " + std::to_string(num_ranks) + " (device " + std::to_string(device) +
+         ")";
+}
+
+std::string earlier_failure_text() {
+  return "ep_comm's NVSHMEM initialisation failed earlier in this process: " + g_failure +
+         ". NVSHMEM cannot be initialised again in this process: restart the processes (all ranks)";
+}
+
+// Records `message` as this process's failed initialisation and throws it. Caller holds g_mutex.
+[[noreturn]] void fail_initialisation(const std::string& message) {
+  if (g_failure.empty()) g_failure = message;
+  EP_HOST_ASSERT(false, message);
+  throw Error(message);  // not reached
+}
 
 }  // namespace
 
@@ -34,6 +60,8 @@ std::string get_unique_id() {
 
 void acquire(const std::string& unique_id, int rank, int num_ranks, int device, const std::string& group_key) {
   std::lock_guard<std::mutex> lock(g_mutex);
+  // Before anything else: after a failed attempt NVSHMEM is in a state no call here can repair.
+  EP_HOST_ASSERT(g_failure.empty(), earlier_failure_text());
   if (g_references > 0) {
     const bool same_group = group_key.empty() || g_group_key.empty() || group_key == g_group_key;
     EP_HOST_ASSERT(rank == g_rank && num_ranks == g_num_ranks && same_group,
@@ -49,13 +77,18 @@ void acquire(const std::string& unique_id, int rank, int num_ranks, int device, 
     ++g_references;
     return;
   }
+  // Argument checks touch nothing, so they are not recorded as a failed initialisation. Python
+  // (ep_comm/backends/nvshmem.py) makes them before this call, agreed across ranks; these repeat
+  // them for other callers: a short id would be read past its end, and NVSHMEM's bootstrap does
+  // not check rank against num_ranks.
   EP_HOST_ASSERT(unique_id.size() == sizeof(nvshmemx_uniqueid_t),
                  "NVSHMEM unique id must be " + std::to_string(sizeof(nvshmemx_uniqueid_t)) + " bytes, got " +
                      std::to_string(unique_id.size()));
   EP_HOST_ASSERT(0 <= rank && rank < num_ranks, "rank " + std::to_string(rank) + " is not in [0, " +
                                                     std::to_string(num_ranks) + ")");
   // Someone else in this process (another library) initialised NVSHMEM: its PE numbering and
-  // heap are not ours to reuse, and initialising twice is not supported.
+  // heap are not ours to reuse, and initialising twice is not supported. (ep_comm's own failed
+  // attempts were caught above, by g_failure.)
   const int status_before = nvshmemx_init_status();
   EP_HOST_ASSERT(status_before == NVSHMEM_STATUS_NOT_INITIALIZED,
                  "NVSHMEM is already initialised in this process by another library (init status " +
@@ -68,6 +101,7 @@ void acquire(const std::string& unique_id, int rank, int num_ranks, int device, 
   EP_NVSHMEM_CHECK(nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr));
   attr.args.cuda_device_id = device;
 
+  // From here on NVSHMEM's state changes: every failure is recorded (fail_initialisation).
   // The exiting wrappers (nvshmem_init, nvshmemx_init_attr) call this and exit() on a nonzero
   // status; calling it directly lets us raise instead.
   int provided = 0;
@@ -75,22 +109,64 @@ void acquire(const std::string& unique_id, int rank, int num_ranks, int device, 
                                       NVSHMEM_VENDOR_PATCH_VERSION};
   const int status =
       nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version);
-  EP_HOST_ASSERT(status == 0, "NVSHMEM initialisation failed with status " + std::to_string(status) +
-                                  " on rank " + std::to_string(rank) + " of " + std::to_string(num_ranks) +
-                                  " (device " + std::to_string(device) +
-                                  "); set NVSHMEM_DEBUG=INFO for NVSHMEM's own log, and see docs/low_latency.md "
-                                  "for transport settings");
+  if (status != 0)
+    fail_initialisation("NVSHMEM initialisation failed with status " + std::to_string(status) + " on " +
+                        where(rank, num_ranks, device) +
+                        "; set NVSHMEM_DEBUG=INFO for NVSHMEM's own log, and see docs/low_latency.md for transport "
+                        "settings");
+  // nvshmemi_init_thread also returns 0 when its second stage (heap, transports) failed: it logs
+  // "continuing" and leaves NVSHMEM only bootstrapped, and the next NVSHMEM call that needs the
+  // heap (nvshmem_malloc) retries that stage and exit()s if it fails again.
+  const int status_after = nvshmemx_init_status();
+  if (status_after < NVSHMEM_STATUS_IS_INITIALIZED)
+    fail_initialisation("NVSHMEM initialisation on " + where(rank, num_ranks, device) +
+                        " returned success but left NVSHMEM only bootstrapped (init status " +
+                        std::to_string(status_after) +
+                        "): setting up its heap or transports failed; set NVSHMEM_DEBUG=INFO for NVSHMEM's own log, "
+                        "and see docs/low_latency.md for transport settings");
   const int pe = nvshmem_my_pe(), pes = nvshmem_n_pes();
   if (pe != rank || pes != num_ranks) {
-    nvshmem_finalize();
-    EP_HOST_ASSERT(false, "NVSHMEM came up as PE " + std::to_string(pe) + " of " + std::to_string(pes) +
-                              ", expected " + std::to_string(rank) + " of " + std::to_string(num_ranks));
+    // Up, but unusable. No nvshmem_finalize here: it is collective, and peers that came up right
+    // are not calling it. abandon() finalises once every rank is known to be up.
+    g_up_unreferenced = true;
+    fail_initialisation("NVSHMEM came up as PE " + std::to_string(pe) + " of " + std::to_string(pes) + " on " +
+                        where(rank, num_ranks, device) + ", expected PE " + std::to_string(rank) + " of " +
+                        std::to_string(num_ranks));
   }
   g_references = 1;
   g_rank = rank;
   g_num_ranks = num_ranks;
   g_device = device;
   g_group_key = group_key;
+}
+
+std::string init_failure() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_failure;
+}
+
+bool initialised_here() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_references > 0 || g_up_unreferenced;
+}
+
+void abandon(const std::string& reason, bool finalize) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_references > 0) {
+    // Only the reference the failed initialisation itself took may be given back here.
+    EP_HOST_ASSERT(g_references == 1, "cannot abandon NVSHMEM: " + std::to_string(g_references - 1) +
+                                          " other references (Buffers) still use it on rank " +
+                                          std::to_string(g_rank));
+    g_references = 0;
+    g_up_unreferenced = true;
+    g_rank = g_num_ranks = g_device = -1;
+    g_group_key.clear();
+  }
+  if (g_failure.empty()) g_failure = reason;
+  if (finalize && g_up_unreferenced) {
+    nvshmem_finalize();  // collective: the caller runs this on every rank together
+    g_up_unreferenced = false;
+  }
 }
 
 void add_reference() {

@@ -37,8 +37,31 @@ std::string get_unique_id();
 // `group_key` names the group's members (e.g. their global ranks, "0,1,2,3"); when both the
 // initialising call and a later one give a key, they must be equal (same size and rank is not
 // enough: another group of the same size has other peers). Throws ep_comm::Error (never exits).
+//
+// An initialisation that fails, or that comes up other than asked (PE numbering), is recorded for
+// the life of the process: NVSHMEM cannot be initialised twice (a failed nvshmemi_init_thread
+// leaves it half bootstrapped), so every later acquire() throws, naming the first failure. It
+// never finalises NVSHMEM itself: nvshmem_finalize is collective, and only the caller knows
+// whether every rank can call it (see abandon()). Callers (Python: ep_comm/backends/nvshmem.py)
+// agree on the outcome across ranks before anyone goes on to a collective.
 void acquire(const std::string& unique_id, int rank, int num_ranks, int device,
              const std::string& group_key = std::string());
+
+// The first failed initialisation of this process, as acquire() reported it; empty if none.
+std::string init_failure();
+
+// Whether NVSHMEM is initialised in this process by ep_comm: referenced, or up but abandoned
+// (came up wrong) and not finalised yet.
+bool initialised_here();
+
+// After an initialising acquire() that failed on some rank (here or on a peer): gives back the
+// reference that acquire() took here (if it succeeded here), records `reason` as this process's
+// failure (unless one is recorded already), and, when `finalize` is true, finalises the NVSHMEM
+// that came up here. `finalize` must be the same on every rank, and true only when NVSHMEM came
+// up on every rank (initialised_here() everywhere): nvshmem_finalize is collective. With
+// `finalize` false an NVSHMEM that came up here stays up, unused, until the process exits.
+// Throws if other references (Buffers) still use NVSHMEM.
+void abandon(const std::string& reason, bool finalize);
 
 // Another reference to the NVSHMEM that is already initialised (throws if it is not).
 void add_reference();
