@@ -51,8 +51,9 @@ def _refusals_body(rank, world, group):
     inputs = [make_inputs(SEED, r, 6 + r, HIDDEN, 2, num_experts) for r in range(world)]
     mine = inputs[rank]
 
-    # Families the emulator does not run yet: refused on every rank, never a silent reference.
-    with pytest.raises(NotImplementedError, match="emulator does not run the low-latency kernels yet"):
+    # A low-latency Buffer runs the low-latency kernels (tests/gpu/test_low_latency.py): without an
+    # NVSHMEM buffer it is refused as on a GPU, never served by the reference.
+    with pytest.raises(ValueError, match="low_latency_mode=True needs num_rdma_bytes > 0"):
         ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, low_latency_mode=True, backend="emulated")
 
     buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend="emulated")

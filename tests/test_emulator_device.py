@@ -27,7 +27,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES_DIR = Path(__file__).resolve().parent / "emulator_device"
-EMULATOR_SOURCES = [ROOT / "csrc" / "emulator" / "runtime.cpp", ROOT / "csrc" / "emulator" / "scheduler.cpp"]
+EMULATOR_SOURCES = [ROOT / "csrc" / "emulator" / name for name in ("runtime.cpp", "scheduler.cpp", "nvshmem.cpp")]
 # setup.py's emulator_flags, less what only a Python module needs (-fPIC, visibility, module name).
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-DEP_COMM_EMULATOR", f"-I{ROOT / 'csrc' / 'emulator' / 'include'}",
              f"-I{ROOT / 'csrc'}", "-O2", "-g1", "-pthread", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas"]
@@ -39,6 +39,8 @@ FAULT_CASES = ["deadlock", "divergent_skip", "divergent_mask", "divergent_exit",
                "barrier_not_warp_multiple", "trap", "hang", "sticky_fault"]
 OTHER_CASES = ["schedule_probe", "launch_refusal", "guard_page", "fresh_memory", "stream_order",
                "stream_wait_event", "events", "ipc_parent", "ipc_child"]
+NVSHMEM_CASES = ["nvshmem_ptr_modes", "nvshmem_put_in_flight_until_quiet", "nvshmem_ordering", "nvshmem_private_source",
+                 "nvshmem_asymmetric_malloc"]
 CASE_TIMEOUT_S = 60
 
 
@@ -120,7 +122,7 @@ def _contains(message: str, *parts: str) -> None:
 
 def test_every_case_is_exercised(cases):
     listed = set(cases.run("--list").stdout.split())
-    assert listed == set(CORRECT_CASES + FAULT_CASES + OTHER_CASES)
+    assert listed == set(CORRECT_CASES + FAULT_CASES + OTHER_CASES + NVSHMEM_CASES)
 
 
 # ---- correct programs ----------------------------------------------------------------------------------
@@ -303,3 +305,36 @@ def test_ipc_between_processes(cases):
     _passed(proc)
     assert re.search(r"^handle [0-9a-f]{128}$", proc.stdout, re.M), proc.stdout
     _contains(proc.stdout, "child read the parent's data and wrote its own", "parent sees the child's writes")
+
+
+# ---- the emulated NVSHMEM ---------------------------------------------------------------------------------
+
+
+def test_nvshmem_ptr_maps_peers_unless_p2p_is_disabled(cases):
+    assert "p2p 1" in cases.run("nvshmem_ptr_modes").stdout
+    proc = cases.run("nvshmem_ptr_modes", env={"NVSHMEM_DISABLE_P2P": "1"})
+    _passed(proc)
+    assert "p2p 0" in proc.stdout
+
+
+def test_nvshmem_put_stays_in_flight_and_reads_its_source_late(cases):
+    _passed(cases.run("nvshmem_put_in_flight_until_quiet", env={"EP_COMM_EMU_NVSHMEM_DELAY_US": "-1"}))
+
+
+def test_nvshmem_delivery_reorders_what_nvshmem_does_not_order(cases):
+    """Fences and put-with-signal order delivery; without them the emulated network reorders."""
+    proc = cases.run("nvshmem_ordering", "300", env={"EP_COMM_EMU_NVSHMEM_DELAY_US": "500"})
+    _passed(proc)
+    print(proc.stdout)
+
+
+def test_nvshmem_put_from_private_memory_is_a_fault(cases):
+    message = _fault(cases.run("nvshmem_private_source"))
+    _contains(message, "NVSHMEM: put of 64 bytes to PE 1: the source is not inside one symmetric allocation",
+              cases.tags["private_source_put"])
+
+
+def test_nvshmem_malloc_refuses_different_sizes(cases):
+    proc = cases.run("nvshmem_asymmetric_malloc")
+    _passed(proc)
+    assert "nvshmem_malloc is collective with the same argument on every PE" in proc.stderr, _describe(proc)

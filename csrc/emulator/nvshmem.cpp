@@ -280,8 +280,8 @@ struct Network {
     std::vector<size_t> ready = deliverable(src_pe, dst_pe);
     std::shuffle(ready.begin(), ready.end(), rng);
     if (ready.size() > limit) ready.resize(limit);
+    for (size_t i : ready) deliver(pending[i]);  // in the shuffled order
     std::sort(ready.begin(), ready.end());
-    for (size_t i : ready) deliver(pending[i]);
     for (size_t k = ready.size(); k-- > 0;) {
       pending[ready[k]] = pending.back();
       pending.pop_back();
@@ -308,8 +308,10 @@ struct Network {
       if (!started) {
         started = true;
         const char* d = std::getenv("EP_COMM_EMU_NVSHMEM_DELAY_US");
-        if (d != nullptr) max_delay_us = std::max(0L, std::atol(d));
-        std::thread([this] { run(); }).detach();  // lives as long as the process
+        if (d != nullptr) max_delay_us = std::atol(d);
+        // A negative delay: no background delivery at all (only quiet, barriers and finalize
+        // deliver), for tests that must see an operation still in flight.
+        if (max_delay_us >= 0) std::thread([this] { run(); }).detach();  // lives as long as the process
       }
       pending.push_back(op);
     }
@@ -513,16 +515,20 @@ int nvshmemx_init_status() {
 int nvshmemi_init_thread(int requested, int* provided, unsigned int flags, nvshmemx_init_attr_t* attr,
                          nvshmemi_version_t version) {
   (void)version;
-  std::lock_guard<std::mutex> lock(g_host_mutex);
   if (attr == nullptr || !(flags & NVSHMEMX_INIT_WITH_UNIQUEID) || attr->args.uid_args.id == nullptr)
     return host_error(NVSHMEMX_ERROR_INVALID_VALUE, "only unique-id initialisation is emulated");
   const int device = attr->args.cuda_device_id >= 0 ? attr->args.cuda_device_id : emu::current_device();
   if (device < 0 || device >= kMaxDevices) return host_error(NVSHMEMX_ERROR_INVALID_VALUE, "bad device");
-  if (g_status[device] != NVSHMEM_STATUS_NOT_INITIALIZED)
-    return host_error(NVSHMEMX_ERROR_INTERNAL, "NVSHMEM is already initialised (or failed to) on device " +
-                                                   std::to_string(device));
-  // Whatever fails from here leaves NVSHMEM "bootstrapped", as a failed real initialisation does.
-  g_status[device] = NVSHMEM_STATUS_IS_BOOTSTRAPPED;
+  {
+    // Not held while this PE waits for the others below: PEs that are threads of this process
+    // initialise at the same time.
+    std::lock_guard<std::mutex> lock(g_host_mutex);
+    if (g_status[device] != NVSHMEM_STATUS_NOT_INITIALIZED)
+      return host_error(NVSHMEMX_ERROR_INTERNAL, "NVSHMEM is already initialised (or failed to) on device " +
+                                                     std::to_string(device));
+    // Whatever fails from here leaves NVSHMEM "bootstrapped", as a failed real initialisation does.
+    g_status[device] = NVSHMEM_STATUS_IS_BOOTSTRAPPED;
+  }
   const int rank = attr->args.uid_args.myrank, nranks = attr->args.uid_args.nranks;
   if (nranks < 1 || nranks > kMaxPes || rank < 0 || rank >= nranks)
     return host_error(NVSHMEMX_ERROR_INVALID_VALUE, "PE " + std::to_string(rank) + " of " + std::to_string(nranks) +
@@ -614,6 +620,7 @@ int nvshmemi_init_thread(int requested, int* provided, unsigned int flags, nvshm
   }
   if (!barrier(*p, "initialisation")) return fail(NVSHMEMX_ERROR_INTERNAL, "initialisation barrier failed");
   if (provided != nullptr) *provided = requested;
+  std::lock_guard<std::mutex> lock(g_host_mutex);
   g_pe[device].store(p.release(), std::memory_order_release);
   g_status[device] = NVSHMEM_STATUS_IS_INITIALIZED;
   return NVSHMEMX_SUCCESS;
