@@ -52,15 +52,15 @@ if command -v compute-sanitizer >/dev/null 2>&1 && [ -z "${SKIP_SANITIZER:-}" ];
   done
 fi
 
-if [ -f ep_comm/bench/__main__.py ]; then
-  step bench python -m ep_comm.bench
-else
-  echo "bench skipped (no ep_comm/bench/__main__.py)" | tee -a "$SUMMARY"
-fi
-for script in bench/*.py; do
-  [ -f "$script" ] || continue
-  step "bench-$(basename "$script" .py)" python "$script"
-done
+# Benchmarks: one entry point, python -m ep_comm.bench (BENCHMARKS.md); JSON and charts land in $OUT
+# (charts only where matplotlib is installed: --plot refuses to start without it).
+PLOT_ARGS=()
+python -c "import matplotlib" 2>/dev/null && PLOT_ARGS=(--plot "$OUT/plots")
+step bench python -m ep_comm.bench --graph --json "$OUT/bench.json"
+step bench-skew python -m ep_comm.bench --model deepseek-v3 --routing zipf:1.2 --json "$OUT/bench_zipf.json"
+step bench-sweep python -m ep_comm.bench --sweep tokens --json "$OUT/bench_sweep.json" ${PLOT_ARGS[@]+"${PLOT_ARGS[@]}"}
+step bench-interconnect python -m ep_comm.bench interconnect --json "$OUT/interconnect.json" \
+  ${PLOT_ARGS[@]+"${PLOT_ARGS[@]}"}
 
 echo "=== summary ($SUMMARY)"
 cat "$SUMMARY"

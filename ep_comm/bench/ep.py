@@ -1,8 +1,9 @@
 """Dispatch/combine measurements inside the ranks, shared by `python -m ep_comm.bench` and bench/bench_ep.py.
 
-Per rank: build Buffers (kernels where available, else the reference), make seeded inputs, check
-correctness once, then time each requested (mode, op, dtype). Every rank's (bytes, median time) is
-gathered to rank 0, which turns them into table rows (see `aggregate`).
+Per rank: build Buffers (kernels where available, else the reference), make seeded inputs (routed
+by ep_comm.bench.routing), check correctness once, then time each requested (mode, op, dtype).
+Every rank's (bytes, median, p99) is gathered to rank 0, which turns them into table rows (see
+`aggregate`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ep_comm import fp8
-from ep_comm.bench import counting
+from ep_comm.bench import counting, routing
 from ep_comm.bench.baseline import AllToAllBaseline, EmulatedBaseline
 from ep_comm.bench.timing import Timer, Timing, copy_ceiling
 from ep_comm.buffer import Buffer
@@ -33,6 +34,7 @@ class Case:
     topk: int
     experts: int
     ll_tokens: int       # low-latency tokens per rank (= num_max_dispatch_tokens_per_rank); 0: skip the mode
+    routing: str = "uniform"   # see ep_comm.bench.routing
 
     def validate(self, world: int) -> None:
         if self.experts % world != 0:
@@ -43,6 +45,7 @@ class Case:
             raise ValueError(f"--hidden must be a multiple of {counting.FP8_BLOCK} (FP8 scales), got {self.hidden}")
         if self.tokens < 0 or self.ll_tokens < 0 or self.tokens + self.ll_tokens == 0:
             raise ValueError(f"token counts must be >= 0 and not both 0, got {self.tokens} and {self.ll_tokens}")
+        routing.check(routing.parse(self.routing), self.experts, self.topk, world)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Options:
     check: bool = True
     seed: int = 20261123
     ceiling_bytes: int = 0         # 0: a size picked for the device
+    graph: bool = False            # also time low-latency ops as CUDA-graph replays (GPU kernels only)
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Sample:
     bytes: int
     median_s: float
     min_s: float
+    p99_s: float = 0.0
+    launch: str = "eager"       # eager | graph (a CUDA-graph replay)
 
 
 # ---- pure helpers (unit tested) --------------------------------------------------------------------
@@ -83,41 +89,61 @@ def ranks_per_memory(world: int, device_type: str, device_count: int) -> int:
 
 
 def aggregate(samples: Sequence[Sample], ceiling_gbps: Optional[float], ranks_sharing: int) -> Dict[str, object]:
-    """All ranks' samples of one measurement -> one table row.
+    """All ranks' samples of one measurement (one per rank, rank order) -> one table row.
 
-    gbps_per_rank: mean over ranks of bytes/median time (DeepEP prints this per rank);
-    latency_us: mean over ranks of the median time, latency_max_us: the slowest rank's;
+    Times: each rank's median and p99 over its timed iterations; the row keeps the min and max of
+    each over the ranks (median_us_min..median_us_max: how far the fastest and slowest rank differ).
+    algbw: per rank, the token bytes it received / its median time (DeepEP's per-rank figure);
+    algbw_gbps is the mean over ranks, _min/_max the extremes, algbw_total_gbps the sum.
+    busbw_gbps (baseline rows only): algbw x (n-1)/n, nccl-tests' bus bandwidth of an all-to-all.
+    recv_rows_max_over_mean: the busiest rank's received rows over the mean (1.0 = balanced).
     fraction_of_ceiling: see counting.fraction_of_ceiling, with the ranks that share a memory summed.
     """
     if not samples:
         raise ValueError("no samples to aggregate")
     first = samples[0]
+    n = len(samples)
     per_rank = [counting.gbps(s.bytes, s.median_s) for s in samples]
-    gbps_per_rank = sum(per_rank) / len(per_rank)
+    algbw = sum(per_rank) / n
+    rows = [s.recv_rows for s in samples]
+    mean_rows = sum(rows) / n
+    name = f"{first.mode}/{first.op}/{first.dtype}/{first.impl}" + ("/graph" if first.launch == "graph" else "")
     row: Dict[str, object] = {
-        "name": f"{first.mode}/{first.op}/{first.dtype}/{first.impl}",
-        "mode": first.mode, "op": first.op, "dtype": first.dtype, "impl": first.impl, "tokens": first.tokens,
-        "ranks": len(samples),
-        "recv_rows_per_rank": sum(s.recv_rows for s in samples) / len(samples),
-        "bytes_per_rank": sum(s.bytes for s in samples) / len(samples),
-        "latency_us": 1e6 * sum(s.median_s for s in samples) / len(samples),
-        "latency_max_us": 1e6 * max(s.median_s for s in samples),
-        "gbps_per_rank": gbps_per_rank,
-        "gbps_total": sum(per_rank),
-        "fraction_of_ceiling": (counting.fraction_of_ceiling(gbps_per_rank * ranks_sharing, ceiling_gbps)
+        "name": name,
+        "mode": first.mode, "op": first.op, "dtype": first.dtype, "impl": first.impl, "launch": first.launch,
+        "tokens": first.tokens, "ranks": n,
+        "recv_rows_per_rank": mean_rows,
+        "recv_rows_max": max(rows),
+        "recv_rows_max_over_mean": max(rows) / mean_rows if mean_rows > 0 else None,
+        "bytes_per_rank": sum(s.bytes for s in samples) / n,
+        "bytes_max": max(s.bytes for s in samples),
+        "median_us_min": 1e6 * min(s.median_s for s in samples),
+        "median_us_max": 1e6 * max(s.median_s for s in samples),
+        "p99_us_min": 1e6 * min(s.p99_s for s in samples),
+        "p99_us_max": 1e6 * max(s.p99_s for s in samples),
+        "algbw_gbps": algbw,
+        "algbw_gbps_min": min(per_rank),
+        "algbw_gbps_max": max(per_rank),
+        "algbw_total_gbps": sum(per_rank),
+        "busbw_gbps": counting.bus_bandwidth(algbw, n) if first.impl == "baseline" else None,
+        "fraction_of_ceiling": (counting.fraction_of_ceiling(algbw * ranks_sharing, ceiling_gbps)
                                 if ceiling_gbps else None),
     }
     return row
 
 
+def _same_job(r: Dict[str, object]) -> tuple:
+    return r["mode"], r["op"], r["dtype"], r["tokens"], r.get("hidden")
+
+
 def attach_speedups(rows: List[Dict[str, object]]) -> None:
-    """speedup = ep_comm total GB/s over the baseline's for the same (mode, op, dtype, tokens)."""
-    baseline = {(r["mode"], r["op"], r["dtype"], r["tokens"]): r for r in rows if r["impl"] == "baseline"}
+    """speedup = ep_comm algbw over the (eager) baseline's for the same (mode, op, dtype, tokens, hidden)."""
+    baseline = {_same_job(r): r for r in rows if r["impl"] == "baseline"}
     for r in rows:
         if r["impl"] != "ep_comm":
             continue
-        b = baseline.get((r["mode"], r["op"], r["dtype"], r["tokens"]))
-        r["speedup"] = (r["gbps_total"] / b["gbps_total"]) if b and b["gbps_total"] else None
+        b = baseline.get(_same_job(r))
+        r["speedup"] = (r["algbw_total_gbps"] / b["algbw_total_gbps"]) if b and b["algbw_total_gbps"] else None
 
 
 # ---- in-rank environment ---------------------------------------------------------------------------
@@ -134,6 +160,7 @@ class Env:
     low_latency: Optional[Buffer]
     ranks_sharing: int
     ceiling: Optional[dict] = None
+    resources: dict = field(default_factory=dict)
     checks: List[dict] = field(default_factory=list)
 
 
@@ -153,8 +180,30 @@ def make_env(rank: int, world: int, group: dist.ProcessGroup, hidden: int, max_l
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     env = Env(rank, world, group, any_buffer.backend_kind, device, Timer(device, group, opts.flush_l2), normal,
               low_latency, ranks_per_memory(world, device.type, count))
+    env.resources = resources(env, world)
     env.ceiling = measure_ceiling(env, opts.ceiling_bytes)
     return env
+
+
+def resources(env: "Env", world: int) -> dict:
+    """What a run occupies, per rank: SMs and communication-buffer bytes of each mode.
+
+    normal: the kernels use Config.num_sms SMs (Buffer.get_dispatch_config/get_combine_config);
+    low-latency: grids sized by the work, not bounded by a setting (num_sms None); the reference
+    backend allocates no communication buffer and uses no SMs of ours (it calls all_to_all_single)."""
+    kernels = env.backend_kind != "reference"
+    device_sms = (torch.cuda.get_device_properties(env.device).multi_processor_count
+                  if env.device.type == "cuda" else None)
+    out: dict = {"device_sms": device_sms}
+    if env.normal is not None:
+        out["normal"] = {"num_sms": (max(Buffer.get_dispatch_config(world).num_sms,
+                                         Buffer.get_combine_config(world).num_sms) if kernels else None),
+                         "buffer_bytes": env.normal.num_nvl_bytes + env.normal.num_rdma_bytes,
+                         "allocated": kernels}
+    if env.low_latency is not None:
+        out["low_latency"] = {"num_sms": None, "buffer_bytes": env.low_latency.num_nvl_bytes +
+                              env.low_latency.num_rdma_bytes, "allocated": kernels}
+    return out
 
 
 def measure_ceiling(env: Env, num_bytes: int = 0) -> dict:
@@ -174,8 +223,18 @@ def measure_ceiling(env: Env, num_bytes: int = 0) -> dict:
 
 
 def inputs_on(env: Env, seed: int, rank: int, tokens: int, case: Case):
+    """Rank `rank`'s seeded inputs on env.device, its experts picked by case.routing."""
     inp = make_inputs(seed, rank, tokens, case.hidden, case.topk, case.experts, masked_fraction=0.0)
-    return type(inp)(inp.x.to(env.device), inp.topk_idx.to(env.device), inp.topk_weights.to(env.device))
+    idx = routing.topk_idx(routing.parse(case.routing), tokens, case.experts, case.topk, rank, env.world, seed)
+    return type(inp)(inp.x.to(env.device), idx.to(env.device), inp.topk_weights.to(env.device))
+
+
+def routing_summary(case: Case, world: int, seed: int) -> dict:
+    """Imbalance of a case's routing over all ranks (normal-mode inputs; low-latency's when it has none)."""
+    tokens, seed = (case.tokens, seed) if case.tokens > 0 else (case.ll_tokens, seed + 1)
+    r = routing.parse(case.routing)
+    idx = [routing.topk_idx(r, tokens, case.experts, case.topk, rank, world, seed) for rank in range(world)]
+    return dict(routing=str(r), tokens=tokens, hidden=case.hidden, **routing.imbalance(idx, case.experts, world))
 
 
 def gather(env: Env, items: list) -> Optional[list]:
@@ -208,11 +267,11 @@ def measure_normal(env: Env, case: Case, opts: Options) -> List[Sample]:
         rows = buf.dispatch(x, **kw)[4].num_recv_rows
         t = _time(env, opts, lambda: buf.dispatch(x, **kw))
         samples.append(Sample("normal", "dispatch", dtype, "ep_comm", case.tokens, rows,
-                              counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s))
+                              counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s, t.p99_s))
     recv_x, _, _, _, handle, _ = buf.dispatch(inp.x, **kw)
     t = _time(env, opts, lambda: buf.combine(recv_x, handle))
     samples.append(Sample("normal", "combine", "bf16", "ep_comm", case.tokens, handle.num_recv_rows,
-                          counting.combine_bytes(handle.num_recv_rows, case.hidden), t.median_s, t.min_s))
+                          counting.combine_bytes(handle.num_recv_rows, case.hidden), t.median_s, t.min_s, t.p99_s))
     return samples
 
 
@@ -250,12 +309,63 @@ def measure_low_latency(env: Env, case: Case, opts: Options) -> List[Sample]:
         combine()
         t = _time(env, opts, lambda: dispatch(use_fp8), after=lambda: (prepare_combine(), combine()))
         samples.append(Sample("low_latency", "dispatch", dtype, "ep_comm", T, rows,
-                              counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s))
+                              counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s, t.p99_s))
     dispatch(False)
     rows = int(state["out"][1].sum())
     t = _time(env, opts, combine, before=lambda: (dispatch(False), prepare_combine()))
     samples.append(Sample("low_latency", "combine", "bf16", "ep_comm", T, rows,
-                          counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s))
+                          counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s, t.p99_s))
+    if graphs_usable(env, opts):
+        samples += measure_low_latency_graphs(env, case, opts, inp)
+    return samples
+
+
+def graphs_usable(env: Env, opts: Options) -> bool:
+    return opts.graph and env.device.type == "cuda" and env.backend_kind == "kernels"
+
+
+def measure_low_latency_graphs(env: Env, case: Case, opts: Options, inp) -> List[Sample]:
+    """The same ops as CUDA-graph replays, the way a decode step runs them: one graph holds a
+    dispatch, another the combine of its handle; they are replayed in pairs like the eager calls.
+    Normal mode is not captured: its dispatch needs host-side counts (or num_worst_tokens)."""
+    buf = env.low_latency
+    T = case.ll_tokens
+    samples: List[Sample] = []
+    for dtype in opts.dtypes:
+        use_fp8 = dtype == "fp8"
+        error, graphs, rows = None, None, 0
+        try:
+            state: dict = {}
+            g_dispatch, g_combine = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            torch.cuda.synchronize(env.device)
+            with torch.cuda.graph(g_dispatch):
+                state["out"] = buf.low_latency_dispatch(inp.x, inp.topk_idx, T, case.experts, use_fp8=use_fp8)
+            recv_x = state["out"][0]
+            expert_rows = (torch.zeros(recv_x[0].shape, dtype=torch.bfloat16, device=env.device)
+                           if isinstance(recv_x, tuple) else recv_x)
+            with torch.cuda.graph(g_combine):
+                buf.low_latency_combine(expert_rows, inp.topk_idx, inp.topk_weights, state["out"][2])
+            graphs = (g_dispatch, g_combine, state)
+        except Exception as e:  # a rank that cannot capture must not leave its peers replaying alone
+            error = f"{type(e).__name__}: {e}"
+        everyone = [None] * env.world
+        dist.all_gather_object(everyone, error, group=env.group)
+        failed = next((f"rank {r}: {e}" for r, e in enumerate(everyone) if e), None)
+        if failed:
+            raise RuntimeError(f"CUDA-graph capture of low_latency/{dtype} failed on {failed}")
+        g_dispatch, g_combine, state = graphs
+        g_dispatch.replay()
+        g_combine.replay()
+        torch.cuda.synchronize(env.device)
+        rows = int(state["out"][1].sum())
+        t = _time(env, opts, g_dispatch.replay, after=g_combine.replay)
+        samples.append(Sample("low_latency", "dispatch", dtype, "ep_comm", T, rows,
+                              counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s, t.p99_s,
+                              "graph"))
+        if dtype == "bf16" or len(opts.dtypes) == 1:
+            t = _time(env, opts, g_combine.replay, before=g_dispatch.replay)
+            samples.append(Sample("low_latency", "combine", "bf16", "ep_comm", T, rows,
+                                  counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s, t.p99_s, "graph"))
     return samples
 
 
@@ -291,12 +401,12 @@ def measure_baseline_distributed(env: Env, case: Case, opts: Options, group) -> 
             rows = parts[0].shape[0]
             t = _time(env, opts, lambda: base.dispatch(x, inp.topk_idx, inp.topk_weights, in_rank))
             samples.append(Sample("normal", "dispatch", dtype, "baseline", case.tokens, rows,
-                                  counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s))
+                                  counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s, t.p99_s))
         parts, st = base.dispatch(inp.x, inp.topk_idx, inp.topk_weights, in_rank)
         t = _time(env, opts, lambda: base.combine(parts[0], st))
         rows = parts[0].shape[0]
         samples.append(Sample("normal", "combine", "bf16", "baseline", case.tokens, rows,
-                              counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s))
+                              counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s, t.p99_s))
     if "low_latency" in opts.modes and case.ll_tokens > 0:
         T = case.ll_tokens
         inp = inputs_on(env, opts.seed + 1, env.rank, T, case)
@@ -306,12 +416,12 @@ def measure_baseline_distributed(env: Env, case: Case, opts: Options, group) -> 
             rows = int(counts.sum())
             t = _time(env, opts, lambda: base.low_latency_dispatch(inp.x, inp.topk_idx, case.experts, use_fp8))
             samples.append(Sample("low_latency", "dispatch", dtype, "baseline", T, rows,
-                                  counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s))
+                                  counting.dispatch_bytes(rows, case.hidden, dtype), t.median_s, t.min_s, t.p99_s))
         data, counts, st = base.low_latency_dispatch(inp.x, inp.topk_idx, case.experts, False)
         t = _time(env, opts, lambda: base.low_latency_combine(data, inp.topk_weights, st))
         rows = int(counts.sum())
         samples.append(Sample("low_latency", "combine", "bf16", "baseline", T, rows,
-                              counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s))
+                              counting.combine_bytes(rows, case.hidden), t.median_s, t.min_s, t.p99_s))
     return samples
 
 
@@ -326,7 +436,7 @@ def measure_baseline_emulated(env: Env, case: Case, opts: Options) -> List[Sampl
         def credit(mode, op, dtype, tokens, rows_per_rank, t: Timing, row_dtype):
             for r, rows in enumerate(rows_per_rank):
                 samples.append(Sample(mode, op, dtype, "baseline", tokens, rows,
-                                      counting.dispatch_bytes(rows, case.hidden, row_dtype), t.median_s, t.min_s))
+                                      counting.dispatch_bytes(rows, case.hidden, row_dtype), t.median_s, t.min_s, t.p99_s))
 
         if "normal" in opts.modes and case.tokens > 0:
             ins = [inputs_on(env, opts.seed, r, case.tokens, case) for r in range(env.world)]
@@ -652,7 +762,8 @@ def sample_dicts(samples: Sequence[Sample]) -> List[dict]:
 def bench_body(rank: int, world: int, group: dist.ProcessGroup, cases: List[dict], opts: dict,
                progress: bool = False) -> Optional[dict]:
     """Spawned once: build buffers, check, then measure every case (and the baseline if asked).
-    Returns on rank 0 {'backend', 'baseline', 'ceiling', 'checks', 'rows'}; None elsewhere."""
+    Returns on rank 0 {'backend', 'baseline', 'ceiling', 'checks', 'rows', 'routing', 'resources',
+    'graph'}; None elsewhere."""
     from ep_comm.bench.report import Progress
     options = Options(**opts)
     cases_ = [Case(**c) for c in cases]
@@ -667,33 +778,47 @@ def bench_body(rank: int, world: int, group: dist.ProcessGroup, cases: List[dict
     if baseline_kind != "none":
         extra = lambda: check_baseline(env, first, options, baseline_kind, baseline_group)  # noqa: E731
     checks = run_checks(env, first, options, extra) if options.check else []
-    bar = Progress(len(cases_), "sweep", enabled=None if progress else False) if rank == 0 else None
+    steps = [(case, part) for case in cases_ for part in ("normal", "low_latency", "baseline")
+             if (part == "baseline" and baseline_kind != "none")
+             or (part in options.modes and (case.tokens if part == "normal" else case.ll_tokens) > 0)]
+    bar = Progress(len(steps), "ep_comm.bench", enabled=None if progress else False) if rank == 0 else None
     rows: List[dict] = []
+    summaries: List[dict] = []
     for case in cases_:
         samples: List[Sample] = []
-        if "normal" in options.modes and case.tokens > 0:
-            samples += measure_normal(env, case, options)
-        if "low_latency" in options.modes and case.ll_tokens > 0:
-            samples += measure_low_latency(env, case, options)
-        if baseline_kind == "all_to_all":
-            samples += measure_baseline_distributed(env, case, options, baseline_group)
-        elif baseline_kind == "emulated":
-            samples += measure_baseline_emulated(env, case, options)
+        for step_case, part in steps:
+            if step_case is not case:
+                continue
+            if part == "normal":
+                samples += measure_normal(env, case, options)
+            elif part == "low_latency":
+                samples += measure_low_latency(env, case, options)
+            elif baseline_kind == "all_to_all":
+                samples += measure_baseline_distributed(env, case, options, baseline_group)
+            else:
+                samples += measure_baseline_emulated(env, case, options)
+            if bar is not None:
+                bar.update(f"tokens={case.tokens} hidden={case.hidden} {part}")
         everyone = gather(env, samples)
         if everyone is not None:
             ceiling = env.ceiling["gbps"] if env.ceiling else None
             case_rows = []
             for i in range(len(everyone[0])):
                 row = aggregate([per_rank[i] for per_rank in everyone], ceiling, env.ranks_sharing)
-                row.update(hidden=case.hidden, topk=case.topk, experts=case.experts)
+                row.update(hidden=case.hidden, topk=case.topk, experts=case.experts, routing=case.routing)
                 case_rows.append(row)
             if baseline_kind != "none":
                 attach_speedups(case_rows)
             rows += case_rows
-            bar.update(f"tokens={case.tokens}")
+            summaries.append(routing_summary(case, world, options.seed))
     if bar is not None:
         bar.close()
     if rank != 0:
         return None
+    graph = ("measured" if graphs_usable(env, options) else
+             None if not options.graph else
+             "skipped: CUDA graphs need the GPU kernels (this run uses the " + env.backend_kind + " backend on " +
+             env.device.type + ")")
     return {"backend": env.backend_kind, "baseline": baseline_kind, "ceiling": env.ceiling, "checks": checks,
-            "rows": rows, "ranks_sharing_memory": env.ranks_sharing}
+            "rows": rows, "ranks_sharing_memory": env.ranks_sharing, "routing": summaries,
+            "resources": env.resources, "graph": graph}

@@ -1,13 +1,19 @@
-"""Reports: a plain-text table, a JSON document with a fixed schema, run metadata, a progress bar.
+"""Reports: a plain-text table, a JSON document with a versioned schema, run metadata, a progress bar.
 
-JSON schema ("ep_comm.bench/1"):
-  {"schema": "ep_comm.bench/1",
+JSON schema "ep_comm.bench/2" (BENCHMARKS.md, "JSON", describes every field):
+  {"schema": "ep_comm.bench/2",
    "meta": {"benchmark", "date" (UTC ISO-8601), "commit", "device", "backend", "ranks", "torch",
             "ep_comm", "command", "config": {...}},
+   "definitions": {result field: what it means, in words},
+   "resources": {"device_sms", "normal": {"num_sms", "buffer_bytes", "allocated"}, "low_latency": {...}} | null,
+   "routing": [{"routing", "tokens", "hidden", "tokens_per_expert": {...}, "normal_rows_per_rank": {...},
+                "low_latency_rows_per_rank": {...}, "normal_rows": [...], "low_latency_rows": [...]}],
    "ceiling": {"kind", "bytes", "gbps", "median_us"} | null,
    "checks": [{"name", "ok", "detail"}],
    "results": [{"name", ...numbers...}],
    "notes": [str]}
+Version 2 replaced version 1's latency_us/latency_max_us/gbps_per_rank/gbps_total with per-rank
+median and p99 (min and max over ranks), algbw/busbw, and added definitions, resources and routing.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ import subprocess
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-SCHEMA = "ep_comm.bench/1"
+SCHEMA = "ep_comm.bench/2"
+TOP_LEVEL = ("meta", "definitions", "resources", "routing", "ceiling", "checks", "results", "notes")
 REQUIRED_META = ("benchmark", "date", "commit", "device", "backend", "ranks", "torch", "ep_comm", "command", "config")
 
 Column = Tuple[str, str, str]   # (key in the row, header, format spec such as ".2f"; "" for str())
@@ -105,8 +112,11 @@ def make_meta(benchmark: str, backend: str, ranks: int, config: Dict[str, Any],
 
 
 def make_report(meta: Dict[str, Any], results: List[Dict[str, Any]], ceiling: Optional[Dict[str, Any]] = None,
-                checks: Optional[List[Dict[str, Any]]] = None, notes: Optional[List[str]] = None) -> Dict[str, Any]:
-    report = {"schema": SCHEMA, "meta": meta, "ceiling": ceiling, "checks": checks or [], "results": results,
+                checks: Optional[List[Dict[str, Any]]] = None, notes: Optional[List[str]] = None,
+                definitions: Optional[Dict[str, str]] = None, resources: Optional[Dict[str, Any]] = None,
+                routing: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    report = {"schema": SCHEMA, "meta": meta, "definitions": definitions or {}, "resources": resources,
+              "routing": routing or [], "ceiling": ceiling, "checks": checks or [], "results": results,
               "notes": notes or []}
     validate_report(report)
     return report
@@ -116,9 +126,15 @@ def validate_report(report: Dict[str, Any]) -> None:
     """Raise ValueError naming the first thing that does not follow the schema."""
     if not isinstance(report, dict) or report.get("schema") != SCHEMA:
         raise ValueError(f"report schema must be {SCHEMA!r}, got {report.get('schema') if isinstance(report, dict) else report!r}")
-    for key in ("meta", "ceiling", "checks", "results", "notes"):
+    for key in TOP_LEVEL:
         if key not in report:
             raise ValueError(f"report lacks {key!r}")
+    if not isinstance(report["definitions"], dict) or not all(isinstance(v, str) for v in report["definitions"].values()):
+        raise ValueError("report definitions must map field names to strings")
+    for entry in report["routing"]:
+        if not {"routing", "tokens_per_expert", "normal_rows_per_rank", "low_latency_rows_per_rank"} <= set(entry):
+            raise ValueError(f"a routing entry needs routing, tokens_per_expert, normal_rows_per_rank and "
+                             f"low_latency_rows_per_rank, got {sorted(entry)}")
     missing = [k for k in REQUIRED_META if k not in report["meta"]]
     if missing:
         raise ValueError(f"report meta lacks {missing}")
@@ -154,7 +170,8 @@ def render_meta(meta: Dict[str, Any]) -> str:
 
 
 class Progress:
-    """A text bar on stderr (only when stderr is a terminal, or when forced); tqdm is not needed."""
+    """A text bar on stderr (only when stderr is a terminal, or when forced); tqdm is not needed.
+    The benchmarks create it on rank 0 only, so R ranks draw one bar."""
 
     def __init__(self, total: int, label: str = "", enabled: Optional[bool] = None, stream=None) -> None:
         self.total = max(int(total), 1)

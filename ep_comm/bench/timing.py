@@ -1,4 +1,4 @@
-"""Timing: CUDA events on GPU (warm-up, optional L2 flush, median), time.perf_counter on CPU.
+"""Timing: CUDA events on GPU (warm-up, optional L2 flush, median and p99), time.perf_counter on CPU.
 
 Every timed iteration starts with all ranks lined up (a barrier on the control-plane group, after a
 device synchronize), so a rank's time is the call's own time, not the time it waited for a slow
@@ -16,18 +16,31 @@ import torch
 import torch.distributed as dist
 
 
+def percentile(samples: List[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the two nearest order statistics (numpy's
+    default): with fewer than 100 samples p99 lies between the largest two."""
+    if not samples:
+        raise ValueError("no samples")
+    ordered = sorted(samples)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 @dataclass
 class Timing:
     median_s: float
     min_s: float
     max_s: float
     iters: int
+    p99_s: float = 0.0
 
     @staticmethod
     def of(samples: List[float]) -> "Timing":
         if not samples:
             raise ValueError("no timing samples")
-        return Timing(statistics.median(samples), min(samples), max(samples), len(samples))
+        return Timing(statistics.median(samples), min(samples), max(samples), len(samples), percentile(samples, 99))
 
 
 class L2Flusher:

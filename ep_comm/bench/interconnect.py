@@ -1,7 +1,7 @@
-"""Interconnect microbenchmarks: what the hardware between ranks can do, to judge ep_comm against.
+"""python -m ep_comm.bench interconnect: what the hardware between ranks can do, to judge ep_comm against.
 
-    python bench/bench_interconnect.py                 # CPU: 4 KiB..16 MiB, GPU: 4 KiB..1 GiB
-    python bench/bench_interconnect.py --max-bytes 1M --json ic.json --plot plots/
+    python -m ep_comm.bench interconnect               # CPU: 4 KiB..16 MiB, GPU: 4 KiB..1 GiB
+    python -m ep_comm.bench interconnect --max-bytes 1M --json ic.json --plot plots/
 
 Measured, per message size (rank 1 writes into a buffer owned by rank 0; rank 0 measures alone
 for the local copy):
@@ -15,7 +15,7 @@ for the local copy):
                    correct bytes first (odd length, aligned and misaligned). Without the extension:
                    `torch.bitwise_or(src, 0, out=peer)` on the same device only.
   local/copy       the ceiling: a local copy on rank 0 (GPU device-to-device, CPU memcpy); GB/s
-                   counts the bytes copied, GB/s r+w counts read plus written (what DESIGN.md quotes).
+                   counts the bytes copied, GB/s r+w counts read plus written (the ceiling's convention).
   a2a/all_to_all_single  torch.distributed (NCCL with one GPU per rank, gloo on CPU); size = bytes
                    each rank sends; algBw = size/time, busBw = algBw x (n-1)/n as nccl-tests reports.
   nvshmem/put, nvshmem/put_signal  GPU: NVSHMEM initialised as a Buffer does
@@ -26,7 +26,8 @@ for the local copy):
                    time per message = kernel time / repetitions. Sizes capped by free GPU memory.
   nvshmem/pingpong GPU: ranks 0 and 1, one thread each, bounce a put-with-signal of 8 B..4 KiB;
                    latency = half the round trip (device global timer over 100 round trips).
-Times: CUDA events (GPU) or perf_counter (CPU), warm-up, median.
+Times: CUDA events (GPU) or perf_counter (CPU), warm-up, then the median and p99 of the timed
+iterations (all_to_all_single: of the slowest rank).
 """
 from __future__ import annotations
 
@@ -36,21 +37,25 @@ import statistics
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from ep_comm import _ext  # noqa: E402
-from ep_comm.bench import counting  # noqa: E402
-from ep_comm.bench.report import Progress, make_meta, make_report, render_meta, render_table, write_json  # noqa: E402
-from ep_comm.bench.timing import Timer  # noqa: E402
+from ep_comm import _ext
+from ep_comm.bench import counting
+from ep_comm.bench.report import Progress, make_meta, make_report, render_meta, render_table, write_json
+from ep_comm.bench.timing import Timer, Timing
 
 COLUMNS = [
-    ("name", "benchmark", ""), ("size", "size", ""), ("latency_us", "latency us", ".2f"),
-    ("gbps", "GB/s", ".3f"), ("gbps_rw", "GB/s r+w", ".3f"), ("bus_gbps", "busBw GB/s", ".3f"),
+    ("name", "benchmark", ""), ("size", "size", ""), ("latency_us", "median us", ".2f"), ("p99_us", "p99 us", ".2f"),
+    ("gbps", "GB/s", ".3f"), ("gbps_rw", "GB/s r+w", ".3f"), ("bus_gbps", "busbw GB/s", ".3f"),
     ("status", "status", ""),
+]
+COLUMN_HELP = [
+    "median us / p99 us: median and 99th percentile of the timed iterations (all_to_all_single: the slowest rank's)",
+    "GB/s: bytes copied (p2p, local) or sent per rank (all_to_all_single: algbw) / median time",
+    "GB/s r+w: local/copy counted as bytes read + written (the ceiling's convention)",
+    "busbw GB/s: all_to_all_single's algbw x (n-1)/n, as nccl-tests reports it",
 ]
 
 
@@ -70,10 +75,14 @@ def human_size(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
-def _row(name: str, size: Optional[int], seconds: Optional[float] = None, status: str = "ok", **extra) -> dict:
-    row = {"name": name, "size_bytes": size, "status": status, "latency_us": None, "gbps": None}
+def _row(name: str, size: Optional[int], seconds=None, status: str = "ok", **extra) -> dict:
+    """seconds: a Timing (median and p99) or a plain median in seconds."""
+    row = {"name": name, "size_bytes": size, "status": status, "latency_us": None, "p99_us": None, "gbps": None}
     if seconds is not None and size:
-        row.update(latency_us=seconds * 1e6, gbps=counting.gbps(size, seconds))
+        median = seconds.median_s if isinstance(seconds, Timing) else seconds
+        row.update(latency_us=median * 1e6, gbps=counting.gbps(size, median))
+        if isinstance(seconds, Timing):
+            row["p99_us"] = seconds.p99_s * 1e6
     row.update(extra)
     return row
 
@@ -113,7 +122,7 @@ def interconnect_body(rank: int, world: int, group, sizes: List[int], iters: int
                 copy_error = f"failed: {e}"
             for size in sizes:
                 t = solo.measure(lambda: peer[:size].copy_(src[:size]), iters, warmup)
-                rows.append(_row("p2p/memcpy", size, t.median_s, peer=where))
+                rows.append(_row("p2p/memcpy", size, t, peer=where))
                 if device.type != "cuda":
                     continue
                 if C is not None:
@@ -123,11 +132,11 @@ def interconnect_body(rank: int, world: int, group, sizes: List[int], iters: int
                     dst_ptr, src_ptr = peer.data_ptr(), src.data_ptr()
                     stream = torch.cuda.current_stream(device).cuda_stream
                     t = solo.measure(lambda: C.sm_copy(dst_ptr, src_ptr, size, device.index, 0, stream), iters, warmup)
-                    rows.append(_row("p2p/sm_store", size, t.median_s, peer=f"{where}, _C.sm_copy"))
+                    rows.append(_row("p2p/sm_store", size, t, peer=f"{where}, _C.sm_copy"))
                 elif same_device and size % 4 == 0:
                     p32, s32 = peer[:size].view(torch.int32), src[:size].view(torch.int32)
                     t = solo.measure(lambda: torch.bitwise_or(s32, 0, out=p32), iters, warmup)
-                    rows.append(_row("p2p/sm_store", size, t.median_s, peer="same device, torch.bitwise_or"))
+                    rows.append(_row("p2p/sm_store", size, t, peer="same device, torch.bitwise_or"))
                 elif not same_device:
                     rows.append(_row("p2p/sm_store", size, status="unavailable in this build: ep_comm._C has no "
                                      "sm_copy, and torch launches no kernel storing into another GPU's memory"))
@@ -153,7 +162,7 @@ def interconnect_body(rank: int, world: int, group, sizes: List[int], iters: int
         dst = torch.empty_like(src)
         for size in sizes:
             t = solo.measure(lambda: dst[:size].copy_(src[:size]), iters, warmup)
-            rows.append(_row("local/copy", size, t.median_s,
+            rows.append(_row("local/copy", size, t,
                              gbps_rw=counting.gbps(counting.copy_bytes(size), t.median_s),
                              peer="device-to-device" if device.type == "cuda" else "host memcpy"))
         del src, dst
@@ -178,10 +187,10 @@ def interconnect_body(rank: int, world: int, group, sizes: List[int], iters: int
             recv = torch.empty_like(send)
             t = timer.measure(lambda: dist.all_to_all_single(recv, send, group=a2a_group), iters, warmup)
             times = [None] * world
-            dist.all_gather_object(times, t.median_s, group=group)
+            dist.all_gather_object(times, (t.median_s, t.p99_s), group=group)
             if rank == 0:
-                slowest = max(times)
-                alg = counting.gbps(elems, slowest)
+                slowest = Timing(max(m for m, _ in times), 0.0, 0.0, iters, max(p for _, p in times))
+                alg = counting.gbps(elems, slowest.median_s)
                 rows.append(_row("a2a/all_to_all_single", elems, slowest,
                                  bus_gbps=counting.bus_bandwidth(alg, world),
                                  peer=f"{dist.get_backend(a2a_group)}, {world} ranks"))
@@ -340,7 +349,8 @@ def _nvshmem_measure(C, scratch, rank: int, world: int, group, device: torch.dev
                     reps = max(1, min(100, PUTS_PER_LAUNCH_BYTES // size))
                     t = solo.measure(lambda: scratch.put_bench(put_dst, PUT_SRC, size, 0, reps, with_signal,
                                                                SIGNAL_PUT, 0, stream), iters, warmup)
-                    rows.append(_row(name, size, t.median_s / reps, peer=f"rank 1 -> 0, {how}", puts_per_launch=reps))
+                    per_put = Timing(t.median_s / reps, t.min_s / reps, t.max_s / reps, t.iters, t.p99_s / reps)
+                    rows.append(_row(name, size, per_put, peer=f"rank 1 -> 0, {how}", puts_per_launch=reps))
         except RuntimeError as e:
             error = str(e)
     error = _agree_on_error(error, group)
@@ -394,7 +404,9 @@ def render(report: dict) -> str:
         if r.get("peer") and r["status"] == "ok":
             r["status"] = f"ok ({r['peer']})"
         rows.append(r)
-    lines = [render_meta(report["meta"]), ""]
+    lines = [render_meta(report["meta"])]
+    lines += [f"  {line}" for line in COLUMN_HELP]
+    lines.append("")
     lines.append(render_table(rows, COLUMNS))
     for note in report["notes"]:
         lines.append(f"note: {note}")
@@ -402,26 +414,33 @@ def render(report: dict) -> str:
 
 
 def plot(report: dict, folder: str) -> List[str]:
-    from ep_comm.bench.plots import line_chart
-    rows = [r for r in report["results"] if r.get("gbps") is not None]
-    return [line_chart(rows, "size_bytes", "gbps", ("name",), os.path.join(folder, "interconnect_bandwidth.png"),
-                       "bandwidth vs message size", "message size (bytes)", "GB/s (bytes copied or sent / time)",
-                       log_y=True),
-            line_chart(rows, "size_bytes", "latency_us", ("name",), os.path.join(folder, "interconnect_latency.png"),
-                       "latency vs message size", "message size (bytes)", "median time (us)", log_y=True)]
+    from ep_comm.bench.plots import chart_title, line_chart
+    rows = [dict(r, op=r["name"]) for r in report["results"] if r.get("gbps") is not None]
+    title = chart_title(report["meta"])
+    return [line_chart(rows, "size_bytes", "gbps", os.path.join(folder, "interconnect_bandwidth.png"),
+                       f"bandwidth vs message size\n{title}", "message size", "GB/s (bytes copied or sent / median time)",
+                       x_bytes=True, log_y=True),
+            line_chart(rows, "size_bytes", "latency_us", os.path.join(folder, "interconnect_latency.png"),
+                       f"latency vs message size\n{title}", "message size", "median time (us)", x_bytes=True,
+                       log_y=True)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ep_comm.bench interconnect", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=None, help="default: 2 on CPU, GPUs (at least 2) on GPU")
+    p.add_argument("--min-bytes", default="4K", help="smallest message (4K, 1M, 1G or bytes; default 4K)")
+    p.add_argument("--max-bytes", default=None, help="largest message (GPU 1G, CPU 16M)")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (GPU 20, CPU 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (GPU 5, CPU 1)")
+    p.add_argument("--cpu", action="store_true", help="measure host memory even where a GPU exists")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON (schema in BENCHMARKS.md)")
+    p.add_argument("--plot", metavar="DIR", help="write PNG charts here (needs matplotlib: pip install .[bench])")
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ranks", type=int, default=None, help="default: 2 on CPU, GPUs (at least 2) on GPU")
-    p.add_argument("--min-bytes", default="4K")
-    p.add_argument("--max-bytes", default=None, help="GPU 1G, CPU 16M")
-    p.add_argument("--iters", type=int, default=None, help="GPU 20, CPU 5")
-    p.add_argument("--warmup", type=int, default=None, help="GPU 5, CPU 1")
-    p.add_argument("--cpu", action="store_true", help="measure host memory even where a GPU exists")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--plot", metavar="DIR")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     use_gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0 and not args.cpu
     ranks = args.ranks or (max(2, torch.cuda.device_count()) if use_gpu else 2)
     max_bytes = parse_size(args.max_bytes or ("1G" if use_gpu else "16M"))
@@ -429,22 +448,21 @@ def main(argv=None) -> int:
     warmup = args.warmup if args.warmup is not None else (5 if use_gpu else 1)
     sizes = counting.message_sizes(parse_size(args.min_bytes), max_bytes)
     if args.plot:
-        from ep_comm.bench.plots import PlotsUnavailable, _pyplot
+        from ep_comm.bench.plots import PlotsUnavailable, require_matplotlib
         try:
-            _pyplot()
+            require_matplotlib()
         except PlotsUnavailable as e:
-            print(f"bench_interconnect: {e}", file=sys.stderr)
+            print(f"ep_comm.bench interconnect: {e}", file=sys.stderr)
             return 2
     from ep_comm.bench.spawn import run_ranks
     queue = mp.get_context("spawn").Queue()
     result = run_ranks(interconnect_body, ranks, sizes=sizes, iters=iters, warmup=warmup, use_gpu=use_gpu,
                        queue=queue, progress=True)
     config = dict(sizes=f"{human_size(sizes[0])}..{human_size(sizes[-1])}", iters=iters, warmup=warmup)
-    notes = ["GB/s = bytes copied (p2p, local) or sent per rank (all_to_all) / median time; GB/s r+w = read + "
-             "written, the convention of the ceiling in DESIGN.md"]
+    notes = []
     if not use_gpu:
         notes.append("CPU numbers: host memory and gloo over loopback TCP; no CUDA IPC, NVLink or NVSHMEM involved")
-    report = make_report(make_meta("bench_interconnect", "gpu" if use_gpu else "cpu", ranks, config),
+    report = make_report(make_meta("ep_comm.bench interconnect", "gpu" if use_gpu else "cpu", ranks, config),
                          result["rows"], None, [], notes)
     print(render(report))
     if args.json:
@@ -454,7 +472,3 @@ def main(argv=None) -> int:
         for path in plot(report, args.plot):
             print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
