@@ -265,7 +265,7 @@ def _report(**overrides):
                          [{"name": "normal/dispatch/bf16", "ok": True, "detail": ""}], ["a note"],
                          definitions={"algbw GB/s": "received token bytes / median time"},
                          resources={"device_sms": None, "normal": {"num_sms": None, "buffer_bytes": 1, "allocated": False}},
-                         routing=[dict(routing="zipf:1", tokens=8, hidden=128, **summary)])
+                         routing=[dict(routing="zipf:1", tokens=8, ll_tokens=8, hidden=128, **summary)])
     report.update(overrides)
     return report
 
@@ -407,6 +407,9 @@ def test_python_m_ep_comm_bench_smoke(tmp_path):
     assert report["resources"]["normal"]["allocated"] is False and report["resources"]["normal"]["buffer_bytes"] > 0
     (entry,) = report["routing"]
     assert entry["routing"] == "hot:2" and entry["tokens_per_expert"]["max_over_mean"] > 1
+    for mode in ("normal", "low_latency"):   # the header's summary describes the very inputs the ranks timed
+        want = entry[f"{mode}_rows_per_rank"]["max_over_mean"]
+        assert all(r["recv_rows_max_over_mean"] == pytest.approx(want) for r in report["results"] if r["mode"] == mode)
     for row in report["results"]:
         assert row["launch"] == "eager" and row["median_us_min"] <= row["median_us_max"]
         assert row["p99_us_max"] >= row["median_us_max"] > 0 and row["algbw_gbps"] > 0

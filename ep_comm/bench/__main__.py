@@ -192,7 +192,8 @@ def render_report(report: dict, columns: List[Column] = COLUMNS) -> str:
     lines = [render_meta(report["meta"])]
     lines += render_resources(report.get("resources"))
     for entry in report.get("routing", []):
-        lines.append(f"  routing {entry['routing']} (tokens {entry['tokens']}, hidden {entry['hidden']}): "
+        lines.append(f"  routing {entry['routing']} (tokens {entry['tokens']}, low-latency tokens {entry['ll_tokens']}, "
+                     f"hidden {entry['hidden']}): "
                      f"{routing.describe(entry)}")
     c = report.get("ceiling")
     if c:

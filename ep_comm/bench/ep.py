@@ -230,11 +230,21 @@ def inputs_on(env: Env, seed: int, rank: int, tokens: int, case: Case):
 
 
 def routing_summary(case: Case, world: int, seed: int) -> dict:
-    """Imbalance of a case's routing over all ranks (normal-mode inputs; low-latency's when it has none)."""
-    tokens, seed = (case.tokens, seed) if case.tokens > 0 else (case.ll_tokens, seed + 1)
+    """Imbalance of a case's routing over all ranks, from the very inputs the ranks timed: the
+    normal-mode inputs (seed) for the expert counts and normal rows, the low-latency inputs
+    (seed + 1, ll_tokens per rank) for the low-latency rows."""
     r = routing.parse(case.routing)
-    idx = [routing.topk_idx(r, tokens, case.experts, case.topk, rank, world, seed) for rank in range(world)]
-    return dict(routing=str(r), tokens=tokens, hidden=case.hidden, **routing.imbalance(idx, case.experts, world))
+
+    def summary(tokens: int, s: int) -> dict:
+        idx = [routing.topk_idx(r, tokens, case.experts, case.topk, rank, world, s) for rank in range(world)]
+        return routing.imbalance(idx, case.experts, world)
+    normal = summary(case.tokens, seed) if case.tokens > 0 else None
+    low_latency = summary(case.ll_tokens, seed + 1) if case.ll_tokens > 0 else None
+    out = dict(normal or low_latency)
+    if normal is not None and low_latency is not None:
+        out.update(low_latency_rows_per_rank=low_latency["low_latency_rows_per_rank"],
+                   low_latency_rows=low_latency["low_latency_rows"])
+    return dict(routing=str(r), tokens=case.tokens, ll_tokens=case.ll_tokens, hidden=case.hidden, **out)
 
 
 def gather(env: Env, items: list) -> Optional[list]:

@@ -6,7 +6,7 @@ JSON schema "ep_comm.bench/2" (BENCHMARKS.md, "JSON", describes every field):
             "ep_comm", "command", "config": {...}},
    "definitions": {result field: what it means, in words},
    "resources": {"device_sms", "normal": {"num_sms", "buffer_bytes", "allocated"}, "low_latency": {...}} | null,
-   "routing": [{"routing", "tokens", "hidden", "tokens_per_expert": {...}, "normal_rows_per_rank": {...},
+   "routing": [{"routing", "tokens", "ll_tokens", "hidden", "tokens_per_expert": {...}, "normal_rows_per_rank": {...},
                 "low_latency_rows_per_rank": {...}, "normal_rows": [...], "low_latency_rows": [...]}],
    "ceiling": {"kind", "bytes", "gbps", "median_us"} | null,
    "checks": [{"name", "ok", "detail"}],
