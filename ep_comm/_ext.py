@@ -1,7 +1,7 @@
 """Access to the compiled extensions, which may be absent.
 
 ``ep_comm._C`` holds the CUDA kernels; ``ep_comm._C_emu`` holds the same kernel sources compiled
-for the host, run on CPU threads by the emulated device (../shared/EMULATOR.md). The package works
+for the host, run on CPU threads by the emulated device (docs/design.md). The package works
 without either (the reference backend runs on torch.distributed), so nothing here raises on
 import: callers ask :func:`available` / :func:`gpu_available` (or :func:`emulated_available`)
 and fall back.

@@ -1,7 +1,7 @@
 """Buffer: the DeepEP-compatible entry point. Validate -> pick backend and stream -> call -> wrap.
 
 No algorithm lives here: backends (ep_comm/backends) do the work, on whatever stream Buffer makes
-current. See ../shared/DESIGN.md for the contract every method follows.
+current. See docs/design.md for the contract every method follows.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Where a kernel backend runs: a CUDA GPU through ``ep_comm._C``, or the emulated device through
 ``ep_comm._C_emu`` (the same kernel sources compiled for the host, run on CPU threads with CPU
-tensors; ../shared/EMULATOR.md).
+tensors; docs/design.md, "The emulated device").
 
 A kernel backend is written once against a KernelTarget: the module it calls, the device its
 tensors live on, the index and stream it passes to the module, how many SMs may be resident at
