@@ -8,12 +8,13 @@ from ep_comm.version import __version__
 from ep_comm.config import Config
 from ep_comm.event import EventOverlap
 from ep_comm.buffer import Buffer
+from ep_comm.errors import EpCommMismatch, EpCommTimeout
 from ep_comm.api import (CombineResult, DispatchResult, LowLatencyCombineResult, LowLatencyDispatchResult, combine,
                          dispatch, get_buffer, low_latency_combine, low_latency_dispatch)
 from ep_comm import fp8
 
 __all__ = [
-    "__version__", "Buffer", "Config", "EventOverlap", "fp8",
+    "__version__", "Buffer", "Config", "EventOverlap", "fp8", "EpCommTimeout", "EpCommMismatch",
     "dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "get_buffer",
     "DispatchResult", "CombineResult", "LowLatencyDispatchResult", "LowLatencyCombineResult",
 ]

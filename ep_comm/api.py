@@ -1,8 +1,11 @@
 """Plain functions for callers who don't want DeepEP's tuple protocol.
 
 Each process group gets one cached Buffer per mode, sized for the largest call seen so far
-(a larger call replaces it; every rank makes the same decision because the sizes are global).
-Results are named dataclasses. Handles remember their Buffer, so combine needs no group.
+(a larger call replaces it; a destroyed one is replaced at the next call). Every dispatch is agreed
+by all ranks before any Buffer is sized or made (ep_comm/agreement.py), so a rank with other shapes
+or a bad input gets the real cause, on every rank, instead of a Buffer-size mismatch. The plain
+API's calls and its Buffers share one call sequence per group. Results are named dataclasses.
+Handles remember their Buffer, so combine needs no group.
 """
 from __future__ import annotations
 
@@ -12,14 +15,32 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from ep_comm import agreement
+from ep_comm import validation as v
 from ep_comm.backends.base import DispatchHandle, LowLatencyHandle
-from ep_comm.buffer import Buffer
+from ep_comm.buffer import Buffer, _x_fields
 from ep_comm.config import Config
 from ep_comm.event import EventOverlap
 
 _buffers: Dict[Tuple[int, bool], Buffer] = {}   # (id(group), low_latency) -> Buffer
 _buffers_by_id: Dict[int, Buffer] = {}
 _low_latency_sizes: Dict[int, Tuple[int, int, int]] = {}  # buffer id -> (T, H, E) of its last dispatch
+_agreements: Dict[int, agreement.Agreement] = {}  # id(group) -> the plain API's call sequence on it
+
+
+def _agreement_of(group) -> agreement.Agreement:
+    found = _agreements.get(id(group))
+    if found is None:
+        found = agreement.Agreement(group, agreement.next_prefix(group, "plain"), agreement.timeout_s(),
+                                    "the plain API on this group")
+        _agreements[id(group)] = found
+    return found
+
+
+def _buffer_state(group, low_latency: bool) -> str:
+    """'none', 'live' or 'destroyed': part of what ranks agree on, since it decides who makes a Buffer."""
+    buffer = _buffers.get((id(group), low_latency))
+    return "none" if buffer is None else ("destroyed" if buffer._destroyed else "live")
 
 
 @dataclass
@@ -62,14 +83,21 @@ def get_buffer(group: Optional[dist.ProcessGroup] = None, *, low_latency: bool =
     group = group if group is not None else dist.group.WORLD
     key = (id(group), low_latency)
     buffer = _buffers.get(key)
+    if buffer is not None and buffer._destroyed:
+        # Destroyed by its user (on every rank, as destroy() asks): the next call makes a new one.
+        _buffers.pop(key)
+        _buffers_by_id.pop(buffer._id, None)
+        buffer = None
     if buffer is not None and buffer.num_nvl_bytes >= num_nvl_bytes and buffer.num_rdma_bytes >= num_rdma_bytes:
         return buffer
     if buffer is not None:
         num_nvl_bytes = max(num_nvl_bytes, buffer.num_nvl_bytes)
         num_rdma_bytes = max(num_rdma_bytes, buffer.num_rdma_bytes)
+        _buffers.pop(key)
         _buffers_by_id.pop(buffer._id, None)
         buffer.destroy()
-    buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency)
+    buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency,
+                    _agreement=_agreement_of(group))
     _buffers[key] = buffer
     _buffers_by_id[buffer._id] = buffer
     return buffer
@@ -88,22 +116,48 @@ def dispatch(x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], topk_idx
              group: Optional[dist.ProcessGroup] = None, expert_alignment: int = 1, num_worst_tokens: int = 0,
              config: Optional[Config] = None, async_finish: bool = False) -> DispatchResult:
     """Normal-mode dispatch with the layout computed for you. See Buffer.dispatch for shapes."""
-    payload = x[0] if isinstance(x, (tuple, list)) else x
     group = group if group is not None else dist.group.WORLD
     num_ranks = dist.get_world_size(group)
-    hidden_bytes = payload.shape[-1] * max(payload.element_size(), 2) if isinstance(payload, torch.Tensor) else 0
-    configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
-    num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
-    num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)  # 0 in one node
-    buffer = get_buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes)
+
+    def check() -> Tuple[int, int]:
+        # What the Buffer's size and the layout depend on: checked, then agreed, before either is made.
+        payload, _ = v.split_x(x)
+        v.check_num_experts(num_experts, num_ranks)
+        v.check_topk_idx(topk_idx, num_experts, payload.shape[0])
+        hidden_bytes = payload.shape[-1] * max(payload.element_size(), 2)
+        configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
+        return (max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs),
+                max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs))  # rdma: 0 in one node
+
+    sizes = _agree_plain(group, "dispatch", check, lambda: _x_fields(x) + [
+        ("topk", topk_idx.shape[1]), ("topk_weights", topk_weights is not None), ("num_experts", num_experts),
+        ("buffer", _buffer_state(group, False))])
+    buffer = get_buffer(group, num_nvl_bytes=sizes[0], num_rdma_bytes=sizes[1])
     num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = \
-        buffer.get_dispatch_layout(topk_idx, num_experts)
+        buffer._run_layout(topk_idx, num_experts, None, False, False)
     recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event = buffer.dispatch(
         x, num_tokens_per_rank=num_tokens_per_rank, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
         is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
         topk_weights=topk_weights, expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
         config=config, async_finish=async_finish)
     return DispatchResult(recv_x, recv_topk_idx, recv_topk_weights, counts, handle, event)
+
+
+def _agree_plain(group, kind: str, check: Callable, fields: Callable):
+    """Check this rank's inputs and agree on the call with every rank of `group` (see agreement.py):
+    sizes and Buffers are decided only by calls that match everywhere. Returns check()'s result."""
+    error = None
+    result = None
+    sig: list = []
+    try:
+        result = check()
+        sig = fields()
+    except (TypeError, ValueError) as e:
+        error = e
+    _agreement_of(group).agree(kind, sig, error)
+    if error is not None:
+        raise error
+    return result
 
 
 def combine(x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
@@ -121,8 +175,18 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispat
                          return_recv_hook: bool = False) -> LowLatencyDispatchResult:
     """Low-latency dispatch into the packed per-expert layout. See Buffer.low_latency_dispatch."""
     group = group if group is not None else dist.group.WORLD
-    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, x.shape[-1],
-                                                           dist.get_world_size(group), num_experts)
+    num_ranks = dist.get_world_size(group)
+
+    def check() -> int:
+        v.check_tensor("x", x, torch.bfloat16, ndim=2)
+        v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+        v.check_num_experts(num_experts, num_ranks)
+        return Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, x.shape[-1], num_ranks,
+                                                     num_experts)
+
+    num_rdma_bytes = _agree_plain(group, "low_latency_dispatch", check, lambda: [
+        ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", x.shape[-1]),
+        ("num_experts", num_experts), ("buffer", _buffer_state(group, True))])
     buffer = get_buffer(group, low_latency=True, num_rdma_bytes=num_rdma_bytes)
     # Low-latency buffers are laid out for one (T, H, E); new sizes need a collective clean first,
     # which every rank does here at the same call because the sizes are the same everywhere.

@@ -5,16 +5,19 @@ current. See docs/design.md for the contract every method follows.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import os
-import socket
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from ep_comm import _ext
+from ep_comm import agreement
 from ep_comm import validation as v
+from ep_comm.errors import EpCommTimeout, is_timeout_message
 from ep_comm.backends import make_backend
 from ep_comm.backends.target import kernel_target
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, LowLatencyCombineArgs,
@@ -42,29 +45,63 @@ def _backend_choice(requested: Optional[str]) -> str:
     return choice
 
 
-def _agree_on_setup(group, num_ranks: int, settings: tuple) -> int:
-    """Check every rank made the same Buffer (sizes, mode, backend) and return the ranks per node:
-    EP_COMM_RANKS_PER_NODE, else the number of ranks sharing this host name. A peer with other
-    sizes would lay its buffer out differently and write past ours, so a mismatch is refused here."""
-    peers: List[Optional[tuple]] = [None] * num_ranks
-    dist.all_gather_object(peers, (socket.gethostname(), settings), group=group)
-    different = [r for r, (_, theirs) in enumerate(peers) if theirs != settings]
-    if different:
-        raise ValueError(f"every rank must create its Buffer with the same (num_nvl_bytes, num_rdma_bytes, "
-                         f"low_latency_mode, backend); this rank has {settings}, rank {different[0]} has "
-                         f"{peers[different[0]][1]}")
+def _ranks_per_node(hosts: List[str], rank: int, num_ranks: int) -> int:
+    """EP_COMM_RANKS_PER_NODE, else the number of ranks sharing this rank's host name."""
     declared = os.environ.get("EP_COMM_RANKS_PER_NODE")
     if declared:
         size = int(declared)
     else:
-        hosts = [host for host, _ in peers]
-        size = hosts.count(socket.gethostname())
+        size = hosts.count(hosts[rank])
         if any(hosts[i] != hosts[i - i % size] for i in range(num_ranks)):
             raise ValueError(f"ranks of one host must be contiguous and equal in number; got hosts {hosts}")
     if size <= 0 or num_ranks % size != 0:
         raise ValueError(f"ranks per node ({size}) must divide the number of ranks ({num_ranks}); "
                          "check EP_COMM_RANKS_PER_NODE")
     return size
+
+
+@contextlib.contextmanager
+def _timeouts_as_ep_comm_timeout() -> Iterator[None]:
+    """The kernels' runtime reports a device or host timeout as a RuntimeError naming rank, phase and
+    peer; callers get one exception type for every timeout, whatever the backend."""
+    try:
+        yield
+    except EpCommTimeout:
+        raise
+    except RuntimeError as e:
+        if is_timeout_message(str(e)):
+            raise EpCommTimeout(str(e)) from e
+        raise
+
+
+def _bounded_hook(hook: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+    if hook is None:
+        return None
+
+    @functools.wraps(hook)
+    def run() -> None:
+        with _timeouts_as_ep_comm_timeout():
+            hook()
+    return run
+
+
+def _capturing(t: Any) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (a call made for `t`)."""
+    return isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _x_fields(x) -> List[Tuple[str, Any]]:
+    """What must match across ranks about a dispatch input: hidden, dtype, FP8 scales."""
+    payload, scales = (x[0], x[1]) if isinstance(x, (tuple, list)) else (x, None)
+    return [("hidden", payload.shape[-1]), ("dtype", str(payload.dtype).replace("torch.", "")),
+            ("fp8", scales is not None), ("scale_columns", None if scales is None else scales.shape[-1])]
+
+
+def _config_fields(config: Optional[Config]) -> List[Tuple[str, Any]]:
+    if config is None:
+        return [("config", "default")]
+    return [("config", [config.num_sms, config.num_max_nvl_chunked_send_tokens, config.num_max_nvl_chunked_recv_tokens,
+                        config.num_max_rdma_chunked_send_tokens, config.num_max_rdma_chunked_recv_tokens])]
 
 
 class Buffer:
@@ -83,21 +120,37 @@ class Buffer:
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, backend: Optional[str] = None) -> None:
+                 explicitly_destroy: bool = False, *, backend: Optional[str] = None,
+                 _agreement: Optional[agreement.Agreement] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ep_comm.Buffer needs torch.distributed to be initialised first")
+        self._destroyed = True  # until set up: __del__ and destroy() have nothing to release
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
-        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
-            v.check_positive_int(name, value, minimum=0)
+        timeout_s = agreement.timeout_s()
+        # Every collective call of this Buffer, its creation first, is agreed by all ranks (agreement.py).
+        # The plain API passes its group's sequence, so its Buffers and its own calls share one.
+        self._agreement = _agreement or agreement.Agreement(self.group, agreement.next_prefix(self.group, "buffer"),
+                                                            timeout_s)
+        error = None
+        try:
+            for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+                v.check_positive_int(name, value, minimum=0)
+            self.backend_kind = _backend_choice(backend)
+        except (TypeError, ValueError, RuntimeError) as e:
+            error = e
+            self.backend_kind = None
+        # A peer with other sizes would lay its buffer out differently and write past ours.
+        hosts = self._agreement.agree("Buffer()", [
+            ("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
+            ("low_latency_mode", bool(low_latency_mode)), ("backend", self.backend_kind)], error, agreement.hostname())
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
-        self.backend_kind = _backend_choice(backend)
         self._id = next(_buffer_ids)
-        self._destroyed = False
+        self._low_latency_sizes: Optional[Tuple[int, int, int]] = None  # (T, H, E) the low-latency layout is fixed to
 
         use_gpu = self.backend_kind == "kernels"
         use_kernels = self.backend_kind in ("kernels", "emulated")
@@ -105,12 +158,11 @@ class Buffer:
         self.device = device
         self.ctx = BackendContext(
             group=self.group, rank=self.rank, num_ranks=self.group_size,
-            ranks_per_node=_agree_on_setup(self.group, self.group_size,
-                                           (num_nvl_bytes, num_rdma_bytes, bool(low_latency_mode), self.backend_kind)),
+            ranks_per_node=_ranks_per_node(hosts, self.rank, self.group_size),
             device=device, buffer_id=self._id,
             num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency_mode,
             num_qps_per_rank=num_qps_per_rank, allow_nvlink_for_low_latency_mode=allow_nvlink_for_low_latency_mode,
-            allow_mnnvl=allow_mnnvl, timeout_s=float(os.environ.get("EP_COMM_TIMEOUT_S", "100")))
+            allow_mnnvl=allow_mnnvl, timeout_s=timeout_s, agreement=self._agreement)
 
         multi_node = self.ctx.num_nodes > 1
         target = kernel_target(self.backend_kind, device) if use_kernels else None
@@ -132,6 +184,7 @@ class Buffer:
                 self._normal = make_backend("internode" if multi_node else "intranode", self.ctx, target)
             if low_latency_mode:
                 self._low_latency = make_backend("low_latency", self.ctx, target)
+        self._destroyed = False
 
     # ---- statics (DeepEP-compatible) -----------------------------------------------------------
     @staticmethod
@@ -187,8 +240,9 @@ class Buffer:
         """Raise RuntimeError if a kernel of this Buffer recorded an error (e.g. a timeout naming rank,
         phase and peer). Kernels that never sync with the host (low-latency, cached or worst-case
         dispatch, combine) surface their errors here or at the next call."""
-        for backend in {id(b): b for b in (self._normal, self._low_latency)}.values():
-            backend.check_errors()
+        with _timeouts_as_ep_comm_timeout():
+            for backend in {id(b): b for b in (self._normal, self._low_latency)}.values():
+                backend.check_errors()
 
     def destroy(self) -> None:
         """Release communication buffers; call it on all ranks together (NVSHMEM frees are collective).
@@ -196,7 +250,7 @@ class Buffer:
         self._release(include_collective=True)
 
     def _release(self, include_collective: bool) -> None:
-        if self._destroyed:
+        if getattr(self, "_destroyed", True):
             return
         self._destroyed = True
         for backend in {id(b): b for b in (self._normal, self._low_latency, self._reference)}.values():
@@ -217,33 +271,28 @@ class Buffer:
         if self._destroyed:
             raise RuntimeError("this ep_comm.Buffer was destroyed; create a new one")
 
-    def _validate(self, backend: Backend, phase: str, check: Callable):
-        """Run `check`; with the reference backend all ranks first agree that everyone's inputs passed,
-        so a bad input on one rank raises everywhere instead of leaving peers blocked in a collective.
-        Kernels skip the agreement (it would cost a host sync); their peers time out instead."""
-        self._check_alive()
+    def _agreed(self, kind: str, check: Callable, fields: Callable[[Any], List[Tuple[str, Any]]],
+                capturing: bool = False):
+        """Validate this rank's inputs (`check`), then agree with every rank on the call: its number,
+        `kind`, `fields(checked)` (what must match across ranks) and whether everyone's inputs passed.
+        A bad input raises its own error here and an EpCommMismatch naming this rank on the others;
+        a mismatch raises everywhere; a rank that does not come raises EpCommTimeout on the others.
+        Nothing is sent in any of these cases. Host only (a few store round trips): skipped while a
+        CUDA graph is captured, whose replays run without the host."""
         error = None
         result = None
+        sig: List[Tuple[str, Any]] = []
         try:
+            self._check_alive()
             result = check()
-        except (TypeError, ValueError) as e:
+            sig = fields(result)
+        except (TypeError, ValueError, RuntimeError) as e:
             error = e
-        if backend is self._reference:
-            failed = self._agree(error is not None)
-            if error is None and failed:
-                raise RuntimeError(f"ep_comm rank {self.rank}: {phase} was not run because rank(s) {failed} "
-                                   "rejected their inputs (see their errors)")
+        if not capturing:
+            self._agreement.agree(kind, sig, error)
         if error is not None:
             raise error
         return result
-
-    def _agree(self, failed_here: bool) -> List[int]:
-        device = torch.device("cpu") if dist.get_backend(self.group) == "gloo" else torch.device(
-            "cuda", torch.cuda.current_device())
-        flags = torch.zeros(self.group_size, dtype=torch.int32, device=device)
-        flags[self.rank] = int(failed_here)
-        dist.all_reduce(flags, group=self.group)
-        return [r for r, f in enumerate(flags.tolist()) if f]
 
     def _device_of(self, backend: Backend) -> Optional[torch.device]:
         """Device every tensor must be on: the buffer's GPU for kernels, the CPU for the emulated
@@ -253,6 +302,11 @@ class Buffer:
     def _launch(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap], async_finish: bool,
                 allocate_on_comm_stream: bool, on_gpu: bool):
         """Run `fn` on the communication stream (DeepEP's overlap semantics); CPU calls run inline."""
+        with _timeouts_as_ep_comm_timeout():
+            return self._launch_on_stream(fn, inputs, previous_event, async_finish, allocate_on_comm_stream, on_gpu)
+
+    def _launch_on_stream(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap],
+                          async_finish: bool, allocate_on_comm_stream: bool, on_gpu: bool):
         if not on_gpu or self._comm_stream is None:
             result = fn()
             return result, EventOverlap(None)
@@ -287,15 +341,23 @@ class Buffer:
                             allocate_on_comm_stream: bool = False):
         """topk_idx: int64 [N, K] (-1 = empty slot) -> (num_tokens_per_rank int32 [R],
         num_tokens_per_rdma_rank int32 [nodes] | None, num_tokens_per_expert int32 [E],
-        is_token_in_rank bool [N, R], event). Purely local: no communication."""
+        is_token_in_rank bool [N, R], event). No data moves, but the call is agreed like the others: a
+        rank whose topk_idx is refused here would otherwise leave its peers waiting in dispatch."""
         backend = self._normal
-        self._check_alive()
 
         def check() -> None:
             v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             v.check_num_experts(num_experts, self.group_size)
             v.check_topk_idx(topk_idx, num_experts, device=self._device_of(backend))
-        check()  # local only, so no agreement is needed
+
+        self._agreed("get_dispatch_layout", check,
+                     lambda _: [("num_experts", num_experts), ("topk", topk_idx.shape[1])], _capturing(topk_idx))
+        return self._run_layout(topk_idx, num_experts, previous_event, async_finish, allocate_on_comm_stream)
+
+    def _run_layout(self, topk_idx: torch.Tensor, num_experts: int, previous_event: Optional[EventOverlap],
+                    async_finish: bool, allocate_on_comm_stream: bool):
+        """The layout itself, after the call was agreed (the plain API agrees it as part of dispatch)."""
+        backend = self._normal
         result, event = self._launch(lambda: backend.get_dispatch_layout(topk_idx, num_experts), [topk_idx],
                                      previous_event, async_finish, allocate_on_comm_stream, topk_idx.is_cuda)
         return (*result, event)
@@ -316,10 +378,12 @@ class Buffer:
         num_recv_tokens_per_expert_list, handle, event). Rows are source-rank major, token ascending.
         With `handle` and no topk_idx (cached mode): (recv_x, None, None, None, None, event).
         """
-        backend = self._normal_for_transfer()
         cached = handle is not None
+        backend = self._normal
 
         def check() -> DispatchArgs:
+            nonlocal backend
+            backend = self._normal_for_transfer()
             v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             device = self._device_of(backend)
             payload, scales = v.split_x(x, device)
@@ -359,13 +423,23 @@ class Buffer:
                                 is_token_in_rank, num_tokens_per_expert, None, expert_alignment, num_worst_tokens,
                                 config or self.get_dispatch_config(self.group_size))
 
-        args = self._validate(backend, "dispatch", check)
+        def fields(args: DispatchArgs) -> List[Tuple[str, Any]]:
+            sig = _x_fields(x) + _config_fields(config)
+            if cached:
+                return sig + [("handle_of_call", handle.agreed_call)]
+            return sig + [("topk", args.topk_idx.shape[1]), ("topk_weights", args.topk_weights is not None),
+                          ("num_experts", args.num_tokens_per_expert.shape[0])]
+
+        payload = x[0] if isinstance(x, (tuple, list)) and x else x
+        args = self._agreed("cached dispatch" if cached else "dispatch", check, fields, _capturing(payload))
+        call = self._agreement.seq - 1
         inputs = [args.x, args.x_scales, topk_idx, topk_weights, is_token_in_rank]
         out, event = self._launch(lambda: backend.dispatch(args), inputs, previous_event, async_finish,
                                   allocate_on_comm_stream, args.x.is_cuda)
         recv_x = out.recv_x if out.recv_x_scales is None else (out.recv_x, out.recv_x_scales)
         if cached:
             return recv_x, None, None, None, None, event
+        out.handle.agreed_call = call
         return recv_x, out.recv_topk_idx, out.recv_topk_weights, out.num_recv_tokens_per_expert_list, out.handle, event
 
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor] = None,
@@ -377,9 +451,11 @@ class Buffer:
         x: bf16 [M, H], the rows dispatch returned (M = its recv rows). Returns (combined_x bf16 [N, H],
         combined_topk_weights float32 [N, K] | None, event). Deterministic: same inputs, same bits.
         """
-        backend = self._normal_for_transfer()
+        backend = self._normal
 
         def check():
+            nonlocal backend
+            backend = self._normal_for_transfer()
             v.check_overlap_args(previous_event, async_finish, allocate_on_comm_stream)
             device = self._device_of(backend)
             self._check_handle(handle, DispatchHandle)
@@ -393,7 +469,12 @@ class Buffer:
                 raise TypeError(f"config must be an ep_comm.Config, got {type(config).__name__}")
             return v.check_bias(bias, handle.num_tokens, x.shape[1], x.device)
 
-        biases = self._validate(backend, "combine", check)
+        def fields(_) -> List[Tuple[str, Any]]:
+            return [("hidden", x.shape[1]), ("topk_weights", topk_weights is not None),
+                    ("topk", None if topk_weights is None else topk_weights.shape[1]),
+                    ("handle_of_call", handle.agreed_call)] + _config_fields(config)
+
+        biases = self._agreed("combine", check, fields, _capturing(x))
         cfg = config or self.get_combine_config(self.group_size)
         (combined_x, combined_weights), event = self._launch(
             lambda: backend.combine(x, handle, topk_weights, biases, cfg), [x, topk_weights, *biases],
@@ -433,13 +514,14 @@ class Buffer:
         recv_count[e], grouped by source rank. With return_recv_hook the call only sends; hook() receives.
         """
         backend = self._low_latency
-        self._require_low_latency()
 
         def check() -> LowLatencyDispatchArgs:
+            self._require_low_latency()
             device = self._device_of(backend)
             v.check_tensor("x", x, torch.bfloat16, ndim=2, device=device)
             num_tokens, hidden = x.shape
             v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+            self._check_low_latency_sizes(num_max_dispatch_tokens_per_rank, hidden, num_experts)
             if num_tokens > num_max_dispatch_tokens_per_rank:
                 raise ValueError(f"x has {num_tokens} tokens, more than num_max_dispatch_tokens_per_rank="
                                  f"{num_max_dispatch_tokens_per_rank}")
@@ -464,11 +546,19 @@ class Buffer:
                                           cumulative_local_expert_recv_stats, use_fp8, round_scale, use_ue8m0,
                                           return_recv_hook)
 
-        args = self._validate(backend, "low_latency_dispatch", check)
+        def fields(_) -> List[Tuple[str, Any]]:
+            return [("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", x.shape[1]),
+                    ("num_experts", num_experts), ("use_fp8", bool(use_fp8)), ("round_scale", bool(round_scale)),
+                    ("use_ue8m0", bool(use_ue8m0))]
+
+        args = self._agreed("low_latency_dispatch", check, fields, _capturing(x))
+        call = self._agreement.seq - 1
         out, event = self._launch_low_latency(lambda: backend.low_latency_dispatch(args), [x, topk_idx], async_finish,
                                               x.is_cuda)
+        self._low_latency_sizes = (num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
+        out.handle.agreed_call = call
         recv_x = out.recv_x if out.recv_x_scales is None else (out.recv_x, out.recv_x_scales)
-        return recv_x, out.recv_count, out.handle, event, out.hook
+        return recv_x, out.recv_count, out.handle, event, _bounded_hook(out.hook)
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: LowLatencyHandle, zero_copy: bool = False, async_finish: bool = False,
@@ -479,9 +569,9 @@ class Buffer:
         topk_weights float32 [N, K] as given to dispatch. Returns (combined_x bf16 [N, H], event, hook).
         """
         backend = self._low_latency
-        self._require_low_latency()
 
         def check() -> LowLatencyCombineArgs:
+            self._require_low_latency()
             device = self._device_of(backend)
             self._check_handle(handle, LowLatencyHandle)
             rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
@@ -498,10 +588,15 @@ class Buffer:
                 raise ValueError("async_finish and return_recv_hook cannot both be set: the hook is the receive")
             return LowLatencyCombineArgs(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out)
 
-        args = self._validate(backend, "low_latency_combine", check)
+        def fields(_) -> List[Tuple[str, Any]]:
+            return [("num_max_dispatch_tokens_per_rank", handle.num_max_dispatch_tokens_per_rank),
+                    ("hidden", handle.hidden), ("num_experts", handle.num_experts),
+                    ("handle_of_call", handle.agreed_call)]
+
+        args = self._agreed("low_latency_combine", check, fields, _capturing(x))
         (combined, hook), event = self._launch_low_latency(lambda: backend.low_latency_combine(args),
                                                            [x, topk_idx, topk_weights], async_finish, x.is_cuda)
-        return combined, event, hook
+        return combined, event, _bounded_hook(hook)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """bf16 [E_local, R*T, H]: write expert outputs here, then combine with zero_copy=True.
@@ -512,17 +607,32 @@ class Buffer:
         return self._low_latency.get_next_low_latency_combine_buffer(handle)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Reset the low-latency buffers (all ranks call it together)."""
-        self._require_low_latency()
-        self._check_alive()
-        v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
-        v.check_positive_int("hidden", hidden)
-        v.check_num_experts(num_experts, self.group_size)
-        self._low_latency.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        """Reset the low-latency buffers and lay them out for (T, H, E) (all ranks call it together)."""
+        sizes = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+        def check() -> None:
+            self._require_low_latency()
+            v.check_positive_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank)
+            v.check_positive_int("hidden", hidden)
+            v.check_num_experts(num_experts, self.group_size)
+
+        self._agreed("clean_low_latency_buffer", check, lambda _: [("sizes", sizes)])
+        with _timeouts_as_ep_comm_timeout():
+            self._low_latency.clean_low_latency_buffer(*sizes)
+        self._low_latency_sizes = sizes
 
     def _require_low_latency(self) -> None:
         if not self.low_latency_mode:
             raise RuntimeError("low-latency calls need Buffer(..., low_latency_mode=True)")
+
+    def _check_low_latency_sizes(self, num_max_tokens: int, hidden: int, num_experts: int) -> None:
+        """The low-latency layout is fixed to one (T, H, E) until clean_low_latency_buffer: the kernels'
+        buffer is laid out for it, and every backend refuses what the kernels refuse."""
+        sizes = (num_max_tokens, hidden, num_experts)
+        if self._low_latency_sizes is not None and self._low_latency_sizes != sizes:
+            raise ValueError(f"this low-latency buffer is laid out for (num_max_dispatch_tokens_per_rank, hidden, "
+                             f"num_experts)={self._low_latency_sizes}, got {sizes}; call clean_low_latency_buffer"
+                             f"{sizes} on all ranks before changing sizes")
 
     def _low_latency_reads_values(self, backend) -> bool:
         """Whether a low-latency call checks topk_idx's values on the host. The kernels promise no
@@ -550,7 +660,8 @@ class Buffer:
             if overlap.event is not None:
                 self._last_async_low_latency = (overlap.event, capturing)
             return result, overlap
-        return fn(), EventOverlap(None)
+        with _timeouts_as_ep_comm_timeout():
+            return fn(), EventOverlap(None)
 
 
 def _flatten(items) -> list:

@@ -36,6 +36,7 @@ class BackendContext:
     allow_nvlink_for_low_latency_mode: bool
     allow_mnnvl: bool
     timeout_s: float              # device and host waits give up after this (EP_COMM_TIMEOUT_S)
+    agreement: Any = None         # the Buffer's ep_comm.agreement.Agreement (names peers in timeouts)
 
     @property
     def num_nodes(self) -> int:
@@ -54,6 +55,7 @@ class DispatchHandle:
     num_worst_tokens: int
     is_token_in_rank: torch.Tensor  # bool [num_tokens, num_ranks]
     state: Any = None          # backend-specific (counts, source indices, prefix matrices, ...)
+    agreed_call: int = -1      # number of the agreed call that made it: its users must name the same one
 
 
 @dataclass(eq=False)
@@ -67,6 +69,7 @@ class LowLatencyHandle:
     num_max_dispatch_tokens_per_rank: int
     num_experts: int
     state: Any = None
+    agreed_call: int = -1      # number of the agreed call that made it (see DispatchHandle)
 
 
 @dataclass

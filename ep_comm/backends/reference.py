@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ep_comm import fp8
+from ep_comm.agreement import wait_for
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput,
                                    LowLatencyCombineArgs, LowLatencyDispatchArgs, LowLatencyDispatchOutput,
                                    LowLatencyHandle)
@@ -81,21 +82,26 @@ class ReferenceBackend(Backend):
         self._combine_buffers: Dict[Tuple[int, int, int, str], torch.Tensor] = {}
 
     # ---- exchange primitives -------------------------------------------------------------------
-    def _all_to_all_rows(self, rows: torch.Tensor, send_counts: List[int], recv_counts: List[int]) -> torch.Tensor:
+    # Every collective is started asynchronously and waited for at most EP_COMM_TIMEOUT_S: a peer that
+    # died or hangs mid-call ends in EpCommTimeout naming the phase, not in the group's own (30 min) wait.
+    def _all_to_all_rows(self, rows: torch.Tensor, send_counts: List[int], recv_counts: List[int],
+                         phase: str) -> torch.Tensor:
         """Send rows[sum(send_counts[:r]) : ...] to rank r; receive rank-major. rows: uint8 [n, W]."""
         device = rows.device
         if self._exchange_on_host:
             rows = rows.cpu()
         out = torch.empty(sum(recv_counts), rows.shape[1], dtype=rows.dtype, device=rows.device)
-        dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_counts),
-                               input_split_sizes=list(send_counts), group=self.group)
+        work = dist.all_to_all_single(out, rows.contiguous(), output_split_sizes=list(recv_counts),
+                                      input_split_sizes=list(send_counts), group=self.group, async_op=True)
+        wait_for(work, self.ctx.timeout_s, f"{phase} (rows)", self.ctx.agreement)
         return out.to(device)
 
-    def _exchange_counts(self, send_counts: torch.Tensor) -> List[int]:
+    def _exchange_counts(self, send_counts: torch.Tensor, phase: str) -> List[int]:
         """send_counts: int [R] -> what every rank sends to this one, as a host list."""
         counts = send_counts.to(torch.int64).cpu() if self._exchange_on_host else send_counts.to(torch.int64)
         received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts.contiguous(), group=self.group)
+        work = dist.all_to_all_single(received, counts.contiguous(), group=self.group, async_op=True)
+        wait_for(work, self.ctx.timeout_s, f"{phase} (counts)", self.ctx.agreement)
         return received.tolist()
 
     # ---- normal mode ---------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class ReferenceBackend(Backend):
         # Transposing makes the nonzero() order destination-rank major, token ascending.
         dest, token = torch.nonzero(is_token_in_rank.t(), as_tuple=True)
         send_counts = torch.bincount(dest, minlength=self.ctx.num_ranks)
-        recv_counts = self._exchange_counts(send_counts)
+        recv_counts = self._exchange_counts(send_counts, "dispatch")
         return _NormalLayout(token, send_counts.tolist(), recv_counts, sum(recv_counts))
 
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
@@ -134,7 +140,8 @@ class ReferenceBackend(Backend):
             if args.topk_weights is not None:
                 parts.append(args.topk_weights[idx])
         packed, widths = _pack_rows(parts)
-        received = _unpack_rows(self._all_to_all_rows(packed, layout.send_counts, layout.recv_counts), widths)
+        received = _unpack_rows(self._all_to_all_rows(packed, layout.send_counts, layout.recv_counts,
+                                                      "cached dispatch" if cached else "dispatch"), widths)
 
         num_recv = layout.num_recv_tokens
         num_worst = args.handle.num_worst_tokens if cached else args.num_worst_tokens
@@ -192,7 +199,8 @@ class ReferenceBackend(Backend):
             parts.append(topk_weights[:num_recv])
         packed, widths = _pack_rows(parts)
         # The reverse exchange: rows go back to where they came from, in the order they were sent.
-        returned = _unpack_rows(self._all_to_all_rows(packed, layout.recv_counts, layout.send_counts), widths)
+        returned = _unpack_rows(self._all_to_all_rows(packed, layout.recv_counts, layout.send_counts, "combine"),
+                                widths)
 
         hidden = x.shape[1]
         rows = _from_bytes(returned.pop(0), x.dtype, [hidden]).float()
@@ -256,9 +264,13 @@ class ReferenceBackend(Backend):
                                   hidden=hidden, num_max_dispatch_tokens_per_rank=args.num_max_dispatch_tokens_per_rank,
                                   num_experts=args.num_experts, state=layout)
 
+        # The exchange happens now, in the call every rank agreed on; a hook only unpacks what arrived, so
+        # hooks may run in any order on any rank (as the kernels' hooks may).
+        layout.recv_counts = self._exchange_counts(send_counts, "low_latency_dispatch")
+        received = _unpack_rows(self._all_to_all_rows(packed, layout.send_counts, layout.recv_counts,
+                                                      "low_latency_dispatch"), widths)
+
         def receive() -> None:
-            layout.recv_counts = self._exchange_counts(send_counts)
-            received = _unpack_rows(self._all_to_all_rows(packed, layout.send_counts, layout.recv_counts), widths)
             experts = _from_bytes(received[-1], torch.int64, []) - rank * experts_per_rank
             sources = torch.repeat_interleave(torch.arange(num_ranks, device=device),
                                               torch.tensor(layout.recv_counts, device=device))
@@ -306,8 +318,9 @@ class ReferenceBackend(Backend):
                                                                 dtype=torch.bfloat16, device=x.device)
         topk_idx, topk_weights = args.topk_idx, args.topk_weights
 
+        returned = self._all_to_all_rows(packed, layout.recv_counts, layout.send_counts, "low_latency_combine")
+
         def receive() -> None:
-            returned = self._all_to_all_rows(packed, layout.recv_counts, layout.send_counts)
             rows = _from_bytes(returned, x.dtype, [handle.hidden]).float()
             num_tokens, num_topk = topk_idx.shape
             row_of_slot = torch.full((num_tokens * num_topk,), -1, dtype=torch.int64, device=x.device)
