@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Build tests/emulator/intranode_driver (the in-process multi-rank driver) for the emulated device.
+"""Build the in-process multi-rank drivers (tests/emulator/*_driver.cpp) for the emulated device.
 
     python scripts/emu_build.py [--variant plain|address|thread] [--out DIR]
 
-Variants (build/emu-check/<variant>/intranode_driver):
+Drivers: intranode_driver (layout + intranode kernels over IPC buffers) and low_latency_driver
+(low-latency kernels over the emulated NVSHMEM), both in build/emu-check/<variant>/, sharing the
+objects of the emulated device. Variants:
   plain    g++ -O2
   address  g++ -O2 -fsanitize=address,undefined -fno-sanitize-recover=undefined
   thread   g++ -O2 with libtsan: every file -fsanitize=thread except csrc/emulator/scheduler.cpp, which
@@ -12,7 +14,7 @@ Variants (build/emu-check/<variant>/intranode_driver):
 
 The flags mirror setup.py's emulator_flags() (setup.py cannot be imported: it calls setup()).
 A ninja file per variant recompiles only what changed. scripts/emu_mutants.py reuses this module to
-build drivers from a mutated copy of csrc/, recompiling only the objects that depend on the mutated
+build a driver from a mutated copy of csrc/, recompiling only the objects that depend on the mutated
 file and linking them with this build's other objects.
 
 CXX overrides the compiler (default g++: clang-19's TSan runtime tracks only 256 threads' worth of
@@ -26,16 +28,19 @@ import shlex
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("plain", "address", "thread")
-DRIVER = "tests/emulator/intranode_driver.cpp"
-# What the driver links: the kernels it calls, the IPC runtime, the emulated device.
-CSRC_SOURCES = [
-    "kernels/layout.cu", "kernels/intranode.cu", "runtime/ipc_buffer.cpp",
-    "emulator/runtime.cpp", "emulator/scheduler.cpp",
-]
+# driver -> (its source, what it links from csrc/: the kernels it calls, their runtime, the emulated device)
+DRIVERS: Dict[str, Tuple[str, List[str]]] = {
+    "intranode": ("tests/emulator/intranode_driver.cpp",
+                  ["kernels/layout.cu", "kernels/intranode.cu", "runtime/ipc_buffer.cpp",
+                   "emulator/runtime.cpp", "emulator/scheduler.cpp"]),
+    "low_latency": ("tests/emulator/low_latency_driver.cpp",
+                    ["kernels/low_latency.cu", "runtime/nvshmem_runtime.cpp",
+                     "emulator/runtime.cpp", "emulator/scheduler.cpp", "emulator/nvshmem.cpp"]),
+}
 SCHEDULER = "emulator/scheduler.cpp"  # never TSan-instrumented
 
 
@@ -49,7 +54,7 @@ def compiler() -> str:
 
 def variant_flags(variant: str, csrc: str) -> tuple[List[str], List[str], List[str]]:
     """(flags for every source, extra flags for all but the scheduler, link flags)."""
-    flags = ["-std=c++17", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas", "-DEP_COMM_EMULATOR",
+    flags = ["-std=c++17", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas", "-fno-strict-aliasing", "-DEP_COMM_EMULATOR",
              "-O2", "-g1", "-fno-omit-frame-pointer",
              f"-I{os.path.join(csrc, 'emulator', 'include')}", f"-I{csrc}"]
     instrumented: List[str] = []
@@ -82,11 +87,12 @@ def object_path(build_dir: str, source: str, root: str = ROOT) -> str:
     return os.path.join(os.path.abspath(build_dir), "obj", rel + ".o")
 
 
-def write_ninja(build_dir: str, variant: str, csrc: str, compile_sources: Sequence[str],
-                prebuilt_objects: Sequence[str] = ()) -> str:
-    """A ninja file that compiles `compile_sources` (absolute paths, under the directory that holds
-    `csrc`, or under this checkout) and links them with `prebuilt_objects` into
-    build_dir/intranode_driver. Written only when it changed."""
+def write_ninja(build_dir: str, variant: str, csrc: str,
+                drivers: Dict[str, Tuple[Sequence[str], Sequence[str]]]) -> str:
+    """A ninja file that builds build_dir/<driver>_driver for each driver in `drivers`, from
+    (sources to compile: absolute paths, under the directory that holds `csrc` or under this
+    checkout; prebuilt objects to link with them). A source several drivers use is compiled once.
+    Written only when it changed."""
     build_dir = os.path.abspath(build_dir)
     src_root = os.path.dirname(os.path.abspath(csrc))
     flags, instrumented, link = variant_flags(variant, csrc)
@@ -110,19 +116,26 @@ def write_ninja(build_dir: str, variant: str, csrc: str, compile_sources: Sequen
         "  description = LINK $out",
         "",
     ]
-    objects = []
-    for src in compile_sources:
-        inside = not os.path.relpath(os.path.abspath(src), src_root).startswith("..")
-        obj = object_path(build_dir, src, src_root if inside else ROOT)
-        objects.append(obj)
-        is_scheduler = os.path.normpath(src).endswith(os.path.normpath(SCHEDULER))
-        lines.append(f"build {_q(obj)}: cxx {_q(src)}")
-        lines.append(f"  extra = {'' if is_scheduler else '$instrumented'}")
-        lines.append(f"  variant = {variant}")
-    objects += list(prebuilt_objects)
-    target = os.path.join(build_dir, "intranode_driver")
-    lines.append(f"build {_q(target)}: link " + " ".join(_q(o) for o in objects))
-    lines.append(f"default {_q(target)}")
+    compiled: Set[str] = set()
+    targets = []
+    for driver, (compile_sources, prebuilt_objects) in drivers.items():
+        objects = []
+        for src in compile_sources:
+            inside = not os.path.relpath(os.path.abspath(src), src_root).startswith("..")
+            obj = object_path(build_dir, src, src_root if inside else ROOT)
+            objects.append(obj)
+            if obj in compiled:
+                continue
+            compiled.add(obj)
+            is_scheduler = os.path.normpath(src).endswith(os.path.normpath(SCHEDULER))
+            lines.append(f"build {_q(obj)}: cxx {_q(src)}")
+            lines.append(f"  extra = {'' if is_scheduler else '$instrumented'}")
+            lines.append(f"  variant = {variant}")
+        objects += list(prebuilt_objects)
+        target = driver_path(build_dir, driver)
+        targets.append(target)
+        lines.append(f"build {_q(target)}: link " + " ".join(_q(o) for o in objects))
+    lines.append("default " + " ".join(_q(t) for t in targets))
     text = "\n".join(lines) + "\n"
     os.makedirs(build_dir, exist_ok=True)
     path = os.path.join(build_dir, "build.ninja")
@@ -145,17 +158,26 @@ def run_ninja(build_dir: str, quiet: bool = False) -> None:
         raise subprocess.CalledProcessError(result.returncode, "ninja")
 
 
+def driver_path(build_dir: str, driver: str) -> str:
+    return os.path.join(os.path.abspath(build_dir), f"{driver}_driver")
+
+
+def driver_sources(csrc: str, driver: str) -> List[str]:
+    source, linked = DRIVERS[driver]
+    return [os.path.join(ROOT, source)] + [os.path.join(csrc, s) for s in linked]
+
+
 def all_sources(csrc: str) -> List[str]:
-    return [os.path.join(ROOT, DRIVER)] + [os.path.join(csrc, s) for s in CSRC_SOURCES]
+    return list(dict.fromkeys(src for d in DRIVERS for src in driver_sources(csrc, d)))
 
 
 def build(variant: str, build_dir: Optional[str] = None, quiet: bool = False) -> str:
-    """Builds the driver from this checkout's csrc/; returns its path."""
+    """Builds every driver from this checkout's csrc/; returns the build directory."""
     build_dir = os.path.abspath(build_dir or default_build_dir(variant))
     csrc = os.path.join(ROOT, "csrc")
-    write_ninja(build_dir, variant, csrc, all_sources(csrc))
+    write_ninja(build_dir, variant, csrc, {d: (driver_sources(csrc, d), []) for d in DRIVERS})
     run_ninja(build_dir, quiet=quiet)
-    return os.path.join(build_dir, "intranode_driver")
+    return build_dir
 
 
 def dependencies(build_dir: str) -> Dict[str, Set[str]]:
@@ -184,25 +206,25 @@ def dependencies(build_dir: str) -> Dict[str, Set[str]]:
 
 
 def build_from_copy(variant: str, base_dir: str, copy_csrc: str, changed: Sequence[str], build_dir: str,
-                    quiet: bool = True) -> str:
-    """Builds a driver whose sources come from `copy_csrc` (a copy of csrc/): the objects that depend
-    on any of `changed` (paths relative to csrc/) are recompiled from the copy, the others are taken
-    from the finished build in base_dir."""
+                    driver: str, quiet: bool = True) -> str:
+    """Builds `driver` with sources from `copy_csrc` (a copy of csrc/): the objects that depend on
+    any of `changed` (paths relative to csrc/) are recompiled from the copy, the others are taken
+    from the finished build in base_dir. Returns the driver's path."""
     csrc = os.path.join(ROOT, "csrc")
     deps = dependencies(base_dir)
     changed_abs = {os.path.normpath(os.path.join(csrc, c)) for c in changed}
     compile_sources, prebuilt = [], []
-    for src in all_sources(csrc):
+    for src in driver_sources(csrc, driver):
         if deps[src] & changed_abs:
             rel = os.path.relpath(src, csrc)
             compile_sources.append(os.path.join(copy_csrc, rel) if not rel.startswith("..") else src)
         else:
             prebuilt.append(object_path(base_dir, src))
     if not compile_sources:
-        raise SystemExit(f"no driver source depends on {', '.join(changed)}")
-    write_ninja(build_dir, variant, copy_csrc, compile_sources, prebuilt)
+        raise SystemExit(f"no source of {driver}_driver depends on {', '.join(changed)}")
+    write_ninja(build_dir, variant, copy_csrc, {driver: (compile_sources, prebuilt)})
     run_ninja(build_dir, quiet=quiet)
-    return os.path.join(build_dir, "intranode_driver")
+    return driver_path(build_dir, driver)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -215,7 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out and len(variants) != 1:
         parser.error("--out needs exactly one --variant")
     for v in variants:
-        print(build(v, args.out))
+        build_dir = build(v, args.out)
+        for d in DRIVERS:
+            print(driver_path(build_dir, d))
     return 0
 
 

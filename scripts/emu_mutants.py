@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
-"""Mutation check of the emulated-device checks: seeded bugs in the intranode kernels must be caught.
+"""Mutation check of the emulated-device checks: seeded bugs in the kernels must be caught.
 
-    python scripts/emu_mutants.py [--only NAME[,NAME...]] [--all-runs] [--list] [--keep]
+    python scripts/emu_mutants.py [--only NAME[,NAME...]] [--family intranode|low_latency] [--all-runs] [--list]
+                                  [--keep]
 
-Each mutant is a set of textual replacements in csrc/kernels/intranode.cu or
-csrc/kernels/common/intranode_device.cuh (each pattern must occur exactly once in the current file,
-else the script fails loudly: the kernels changed and the mutant needs updating). The mutant is
-applied to a temporary copy of csrc/, the driver (tests/emulator/intranode_driver.cpp) is rebuilt
-from that copy for the variant(s) the mutant names, recompiling only the objects that depend on the
-mutated file (the others come from build/emu-check/<variant>, scripts/emu_build.py), and the driver
-runs the mutant's cases. A mutant is caught by a nonzero exit with a sanitizer report, an
+Each mutant is a set of textual replacements in one file of csrc/kernels (intranode.cu,
+common/intranode_device.cuh, low_latency.cu, common/low_latency_layout.cuh; each pattern must occur
+exactly once in the current file, else the script fails loudly: the kernels changed and the mutant
+needs updating). The mutant is applied to a temporary copy of csrc/, its family's driver
+(tests/emulator/intranode_driver.cpp or low_latency_driver.cpp) is rebuilt from that copy for the
+variant(s) the mutant names, recompiling only the objects that depend on the mutated file (the
+others come from build/emu-check/<variant>, scripts/emu_build.py), and the driver runs the
+mutant's cases. A mutant is caught by a nonzero exit with a sanitizer report, an
 emulated-device fault (deadlock, divergent collective, barrier mismatch, hang, or a guard-page
 SIGSEGV), a timeout (the kernels' own device timeout, or no result at all), a kernel-reported error,
 or a mismatch with the driver's reference. A mutant that survives is a hole in the checks.
@@ -28,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,8 @@ ROOT = emu_build.ROOT
 CSRC = os.path.join(ROOT, "csrc")
 INTRANODE = "kernels/intranode.cu"
 DEVICE = "kernels/common/intranode_device.cuh"
+LOW_LATENCY = "kernels/low_latency.cu"
+LL_LAYOUT = "kernels/common/low_latency_layout.cuh"
 
 # Driver cases. TSan runs stay tiny (g++ libtsan: ~8 s and ~3 GB for one call); the bf16 case covers
 # notify, dispatch, cached dispatch and combine. Whether TSan sees a head released too early
@@ -55,6 +59,22 @@ PLAIN_CASE = ["--ranks", "2", "--tokens", "80", "--timeout-s", "10"]  # bf16, fp
 PLAIN_CASE_3 = ["--ranks", "3", "--seed", "5", "--tokens", "80", "--timeout-s", "10"]
 WORST_CASE = ["--ranks", "2", "--cases", "worst", "--timeout-s", "10"]   # num_worst_tokens padding rows
 
+# Low-latency driver cases (tests/emulator/low_latency_driver.cpp): the default cases run 16 ops per
+# rank (bf16, fp8, zerocopy, double, inflight, full); TSan runs take three of them on 4 emulated SMs
+# (~10 s, ~1.7 GB). P2P: direct stores and atomics into peers' heaps; PUT: NVSHMEM_DISABLE_P2P=1,
+# every row a put-with-signal delivered late by the emulated network.
+LL_PLAIN = ["--ranks", "2", "--timeout-s", "5"]
+LL_PLAIN_PUT = LL_PLAIN + ["--p2p", "0"]
+# Rank r launches its sends r ms late: receivers already wait when rows land (a receiver that stops
+# waiting too early reads the previous op's rows: caught by ~8 of 10 seeds, hence four runs).
+LL_SKEW = LL_PLAIN + ["--skew-us", "1000"]
+LL_SKEW_RUNS = [("plain", LL_SKEW), ("plain", LL_SKEW + ["--p2p", "0"]), ("plain", LL_SKEW + ["--seed", "3"]),
+                ("plain", LL_SKEW + ["--p2p", "0", "--seed", "4"])]
+LL_TSAN = ["--ranks", "2", "--sms", "4", "--tokens", "8", "--cases", "bf16,double,inflight", "--timeout-s", "30"]
+LL_TSAN_PUT = LL_TSAN + ["--p2p", "0"]
+# Puts that linger (up to 2 ms each) before the emulated network delivers them.
+SLOW_NETWORK = {"EP_COMM_EMU_NVSHMEM_DELAY_US": "2000"}
+
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0",
     "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
@@ -63,13 +83,28 @@ SANITIZER_ENV = {
 }
 
 
+# One run: (variant, driver args), or (variant, driver args, extra environment).
+Run = Tuple
+
+
 @dataclass
 class Mutant:
     name: str
     file: str                            # relative to csrc/
     edits: List[Tuple[str, str]]         # (exact old text, new text)
-    runs: List[Tuple[str, List[str]]]    # (variant, driver args), in order
+    runs: List[Run]                      # in order
     what: str = ""
+    driver: str = "intranode"            # scripts/emu_build.py DRIVERS
+
+
+def run_parts(run: Run) -> Tuple[str, List[str], Dict[str, str]]:
+    """(variant, args, extra environment) of a run."""
+    return run[0], list(run[1]), dict(run[2]) if len(run) > 2 else {}
+
+
+def run_text(run: Run) -> str:
+    _, args, env = run_parts(run)
+    return " ".join([f"{k}={v}" for k, v in env.items()] + args)
 
 
 def publish_tail(value: str) -> str:
@@ -192,6 +227,68 @@ MUTANTS: List[Mutant] = [
           "if (r < num_ranks) pos[r] = s_warp_offset[warp][r] + lane_prefix[r] + (warp > 0 ? 1 : 0);")],
         [("plain", PLAIN_CASE_3)],
         "channel_pos off by one from the second warp of a notify tile on (needs > 32 tokens per channel)"),
+
+    # ---- low-latency (csrc/kernels/low_latency.cu, common/low_latency_layout.cuh) ----
+    # Patterns avoid begin_send and dispatch_send's slot walk (edited elsewhere at the time of writing).
+    Mutant(
+        "ll_publish_without_fence", LOW_LATENCY,
+        [("  __syncwarp();\n  if (lane == 0) __threadfence_system();\n  __syncwarp();\n", "  __syncwarp();\n  __syncwarp();\n")],
+        [("thread", LL_TSAN)],
+        "publish_p2p: rows stored into a peer, then the counter add without the system fence", "low_latency"),
+    Mutant(
+        "ll_send_without_quiet", LOW_LATENCY,
+        [("    nvshmem_quiet();\n    __threadfence();\n", "    __threadfence();\n")],
+        [("plain", LL_PLAIN_PUT, SLOW_NETWORK), ("thread", LL_TSAN_PUT)],
+        "end_send does not quiet: the next send rewrites staging that puts still read", "low_latency"),
+    Mutant(
+        "ll_recv_other_half", LOW_LATENCY,
+        [("  const uint64_t epoch = *a.call_epoch;\n  const int half = static_cast<int>(epoch & 1);\n\n"
+          "  EP_DYNAMIC_SHARED(int, smem);\n  int* counts = smem;\n",
+          "  const uint64_t epoch = *a.call_epoch;\n  const int half = static_cast<int>((epoch + 1) & 1);\n\n"
+          "  EP_DYNAMIC_SHARED(int, smem);\n  int* counts = smem;\n")],
+        [("plain", LL_PLAIN)],
+        "dispatch_recv takes the double-buffer half of the op after its own (parity flipped)", "low_latency"),
+    Mutant(
+        "ll_dispatch_slot_stride", LL_LAYOUT,
+        [("((local_expert * num_ranks + src) * num_max_tokens + slot) * slot_bytes",
+          "((local_expert * num_ranks + src) * (num_max_tokens - 1) + slot) * slot_bytes")],
+        [("plain", LL_PLAIN)],
+        "dispatch_recv regions are T-1 slots apart: a source's slot T-1 is the next source's slot 0", "low_latency"),
+    Mutant(
+        "ll_combine_row_stride", LL_LAYOUT,
+        [("(static_cast<int64_t>(expert) * num_max_tokens + slot) * slot_bytes",
+          "(static_cast<int64_t>(expert) * (num_max_tokens - 1) + slot) * slot_bytes")],
+        [("plain", LL_PLAIN)],
+        "combine_recv rows of consecutive experts overlap by one row", "low_latency"),
+    Mutant(
+        "ll_ack_set", LOW_LATENCY,
+        [("    signal_add(c.layout.ack(c.buffer, half, c.rank), 1, peer, c.use_p2p);\n",
+          "    signal_set(c.layout.ack(c.buffer, half, c.rank), 1, peer, c.use_p2p);\n")],
+        [("plain", LL_PLAIN)],
+        "receive kernels SET their ack to 1 instead of adding 1: op 5 waits for a second ack for ever", "low_latency"),
+    Mutant(
+        "ll_arrived_not_reset", LOW_LATENCY,
+        [("      ptx::st_relaxed_sys(arrived_words + i, static_cast<uint64_t>(0));\n", "")],
+        LL_SKEW_RUNS,
+        "dispatch_recv leaves dispatch_arrived counting: the next op on the half reads rows before they land",
+        "low_latency"),
+    Mutant(
+        "ll_combine_reads_unwaited", LOW_LATENCY,
+        [("      if (valid) {\n        valid = wait_at_least(l.combine_arrived(",
+          "      if (false) {\n        valid = wait_at_least(l.combine_arrived(")],
+        [("thread", LL_TSAN), ("plain", LL_PLAIN_PUT, SLOW_NETWORK)],
+        "combine_recv sums rows without waiting for them to arrive", "low_latency"),
+    Mutant(
+        "ll_combine_unweighted", LOW_LATENCY,
+        [("acc[j] = __fadd_rn(acc[j], __fmul_rn(w, v[j]));", "acc[j] = __fadd_rn(acc[j], v[j]);")],
+        [("plain", LL_PLAIN)],
+        "combine_recv ignores the top-k weights", "low_latency"),
+    Mutant(
+        "ll_scales_row_major", LOW_LATENCY,
+        [("out[(local_expert * num_scales + j) * rows_per_expert + row] = __ldcg(scales + j);",
+          "out[(local_expert * rows_per_expert + row) * num_scales + j] = __ldcg(scales + j);")],
+        [("plain", LL_PLAIN)],
+        "FP8 float32 scales written row-major instead of the documented column-major layout", "low_latency"),
 ]
 
 
@@ -226,9 +323,11 @@ def classify(rc: int, output: str) -> Optional[str]:
     return " + ".join(labels) if labels else f"crash (exit status {rc})"
 
 
-def run_driver(driver: str, args: Sequence[str], limit_s: int, log_path: str) -> Tuple[int, str, float]:
+def run_driver(driver: str, args: Sequence[str], limit_s: int, log_path: str,
+               extra_env: Optional[Dict[str, str]] = None) -> Tuple[int, str, float]:
     env = dict(os.environ)
     env.update(SANITIZER_ENV)
+    env.update(extra_env or {})
     start = time.monotonic()
     try:
         proc = subprocess.run(["timeout", "-k", "5", str(limit_s), driver] + list(args), env=env,
@@ -237,7 +336,8 @@ def run_driver(driver: str, args: Sequence[str], limit_s: int, log_path: str) ->
     except OSError as e:
         rc, out = 127, str(e)
     with open(log_path, "w") as f:
-        f.write(f"$ {driver} {' '.join(args)}\n{out}\nexit status {rc}\n")
+        settings = " ".join(f"{k}={v}" for k, v in (extra_env or {}).items())
+        f.write(f"$ {settings + ' ' if settings else ''}{driver} {' '.join(args)}\n{out}\nexit status {rc}\n")
     return rc, out, time.monotonic() - start
 
 
@@ -269,6 +369,7 @@ def apply(text: str, m: Mutant) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated mutant names")
+    parser.add_argument("--family", choices=sorted(emu_build.DRIVERS), help="only the mutants of this kernel family")
     parser.add_argument("--all-runs", action="store_true", help="run every listed run of a mutant, not only until caught")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy of csrc/")
@@ -284,15 +385,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             parser.error(f"unknown mutant(s): {', '.join(unknown)}")
         mutants = [m for m in MUTANTS if m.name in names]
+    if args.family:
+        mutants = [m for m in mutants if m.driver == args.family]
     if args.variants or args.seed is not None:
         keep = set(args.variants.split(",")) if args.variants else set(emu_build.VARIANTS)
         extra = ["--seed", str(args.seed)] if args.seed is not None else []
-        mutants = [Mutant(m.name, m.file, m.edits, [(v, a + extra) for v, a in m.runs if v in keep], m.what)
+        mutants = [replace(m, runs=[(v, a + extra, env) for v, a, env in map(run_parts, m.runs) if v in keep])
                    for m in mutants]
         mutants = [m for m in mutants if m.runs]
     if args.list:
         for m in mutants:
-            print(f"{m.name:26s} csrc/{m.file:40s} {', '.join(v for v, _ in m.runs):16s} {m.what}")
+            print(f"{m.name:26s} csrc/{m.file:40s} {', '.join(run_parts(r)[0] for r in m.runs):16s} {m.what}")
         return 0
 
     problems = check_patterns(mutants)
@@ -303,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.monotonic()
     logs = os.path.join(ROOT, "build", "emu-check", "logs", "mutants")
     os.makedirs(logs, exist_ok=True)
-    variants = sorted({v for m in mutants for v, _ in m.runs}, key=emu_build.VARIANTS.index)
+    variants = sorted({run_parts(r)[0] for m in mutants for r in m.runs}, key=emu_build.VARIANTS.index)
 
     # The unmutated build of every variant, and its run of every case a mutant uses.
     base: Dict[str, str] = {}
@@ -316,16 +419,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"unmutated build ({v}) FAILED: {e}")
             return 1
         print(f"built {v} ({time.monotonic() - t0:.0f} s)", flush=True)
-    cases = []
+    cases: List[Tuple[str, Run]] = []
     for m in mutants:
-        for v, a in m.runs:
-            if (v, a) not in cases:
-                cases.append((v, a))
-    for i, (v, a) in enumerate(cases):
-        rc, out, secs = run_driver(base[v], a, args.limit_s, os.path.join(logs, f"unmutated-{v}-{i}.log"))
+        for r in m.runs:
+            if (m.driver, r) not in cases:
+                cases.append((m.driver, r))
+    for i, (d, r) in enumerate(cases):
+        v, a, env = run_parts(r)
+        rc, out, secs = run_driver(emu_build.driver_path(base[v], d), a, args.limit_s,
+                                   os.path.join(logs, f"unmutated-{d}-{v}-{i}.log"), env)
         verdict = classify(rc, out)
-        print(f"unmutated {v:7s} {' '.join(a)}: {'ok' if verdict is None else 'FAILED: ' + verdict} ({secs:.0f} s)",
-              flush=True)
+        print(f"unmutated {d:11s} {v:7s} {run_text(r)}: {'ok' if verdict is None else 'FAILED: ' + verdict} "
+              f"({secs:.0f} s)", flush=True)
         if verdict is not None:
             print(first_lines(out, 8))
             ok = False
@@ -346,18 +451,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             t0 = time.monotonic()
             caught: List[str] = []
             try:
-                for run_index, (v, a) in enumerate(m.runs):
+                for run_index, r in enumerate(m.runs):
+                    v, a, env = run_parts(r)
                     build_dir = os.path.join(ROOT, "build", "emu-check", "mutants", v)
                     try:
-                        driver = emu_build.build_from_copy(v, os.path.dirname(base[v]), copy_csrc, [m.file], build_dir)
+                        driver = emu_build.build_from_copy(v, base[v], copy_csrc, [m.file], build_dir, m.driver)
                     except (subprocess.CalledProcessError, SystemExit) as e:
                         print(f"mutant {m.name}: the build failed ({e}); fix the mutant")
                         caught.append(f"build failure ({v})")
                         ok = False
                         break
-                    rc, out, secs = run_driver(driver, a, args.limit_s, os.path.join(logs, f"{m.name}-{run_index}-{v}.log"))
+                    rc, out, secs = run_driver(driver, a, args.limit_s,
+                                               os.path.join(logs, f"{m.name}-{run_index}-{v}.log"), env)
                     verdict = classify(rc, out)
-                    print(f"  {m.name} [{v}] {' '.join(a)}: {verdict or 'SURVIVED'} ({secs:.0f} s)", flush=True)
+                    print(f"  {m.name} [{v}] {run_text(r)}: {verdict or 'SURVIVED'} ({secs:.0f} s)", flush=True)
                     if verdict is not None:
                         print(first_lines(out))
                         caught.append(f"{verdict} ({v})")

@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The intranode kernels on the emulated device, ranks as threads of one process, under
-# AddressSanitizer+UBSan and ThreadSanitizer (and plain, with varied fiber schedules).
+# The intranode and low-latency kernels on the emulated device, ranks as threads of one process,
+# under AddressSanitizer+UBSan and ThreadSanitizer (and plain, with varied fiber schedules).
 #
 #   scripts/emu_sanitize.sh [plain] [address] [thread]     (default: all three)
 #
-# Builds tests/emulator/intranode_driver per variant in build/emu-check/<variant>/ (ninja: only what
-# changed is recompiled; see scripts/emu_build.py), runs small cases, and exits nonzero on any
-# mismatch, sanitizer report, emulated-device fault or timeout. Logs: build/emu-check/logs/.
-# Rank processes (tests/gpu/test_intranode.py on the emulator) cannot show cross-rank races to
-# TSan; one process with ranks as threads can (cudaIpcOpenMemHandle returns the peer's pointer).
+# Builds tests/emulator/{intranode,low_latency}_driver per variant in build/emu-check/<variant>/
+# (ninja: only what changed is recompiled; see scripts/emu_build.py), runs small cases, and exits
+# nonzero on any mismatch, sanitizer report, emulated-device fault or timeout. Logs:
+# build/emu-check/logs/. Rank processes (tests/gpu/ on the emulator) cannot show cross-rank races to
+# TSan; one process with ranks as threads can (cudaIpcOpenMemHandle returns the peer's pointer, and
+# every emulated NVSHMEM PE's heap is mapped once). Low-latency cases run both transports: P2P
+# (direct stores and atomics into peers' heaps) and --p2p 0 (NVSHMEM_DISABLE_P2P=1: every row a
+# put-with-signal, delivered late and out of order by the emulated network).
 #
-# TSan: g++-12's libtsan is precise but slow (~15 s and ~3 GB per call with 2 ranks, 1 channel):
-# keep its cases few and small. No suppressions: every access the kernels make is ordered by an
-# acquire/release pair, a block barrier, a named barrier or __syncwarp, and TSan sees all of those.
+# TSan: g++-12's libtsan is precise but slow (~10-15 s and ~2-3 GB per call with 2 ranks): keep its
+# cases few and small. No suppressions: every access the kernels make is ordered by an
+# acquire/release pair, a block barrier, a named barrier, __syncwarp, or a fence next to a relaxed
+# atomic (which the emulator models for TSan, see NOTES.md), and TSan sees all of those.
 #
 # The sanitized ep_comm._C_emu (EP_COMM_EMU_SANITIZE=address|thread when building) is loaded by an
 # uninstrumented Python, so the sanitizer's runtime must be preloaded, e.g.
@@ -51,7 +55,8 @@ build() {
   fi
 }
 
-# run VARIANT LIMIT_S NAME [ENV=VALUE ...] -- DRIVER_ARGS...
+# run VARIANT LIMIT_S NAME [ENV=VALUE ...] -- DRIVER_ARGS...   (the driver: $DRIVER)
+DRIVER=intranode
 run() {
   local variant=$1 limit=$2 name=$3
   shift 3
@@ -59,7 +64,7 @@ run() {
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
   local log="$LOGS/$variant-$name.log" t0=$SECONDS rc
-  env "${envs[@]}" timeout -k 5 "$limit" "build/emu-check/$variant/intranode_driver" "$@" >"$log" 2>&1
+  env "${envs[@]}" timeout -k 5 "$limit" "build/emu-check/$variant/${DRIVER}_driver" "$@" >"$log" 2>&1
   rc=$?
   local why=""
   if grep -q "WARNING: ThreadSanitizer" "$log"; then why="ThreadSanitizer report"
@@ -68,7 +73,7 @@ run() {
   elif [ $rc -ne 0 ]; then why="exit status $rc"
   fi
   if [ -n "$why" ]; then
-    echo "FAIL $variant $name ($((SECONDS - t0)) s): $why; ${envs[*]} build/emu-check/$variant/intranode_driver $*"
+    echo "FAIL $variant $name ($((SECONDS - t0)) s): $why; ${envs[*]} build/emu-check/$variant/${DRIVER}_driver $*"
     grep -E "MISMATCH|ERROR|FAULT|TIMEOUT|WARNING: |SUMMARY|runtime error" "$log" | head -15 | sed 's/^/    /'
     echo "    log: $log"
     FAILED=1
@@ -83,6 +88,7 @@ for v in "${VARIANTS[@]}"; do
     *) echo "unknown variant $v (plain, address, thread)"; exit 2 ;;
   esac
   build "$v" || continue
+  DRIVER=intranode
   case $v in
     plain)
       for seed in 1 2 3; do
@@ -107,6 +113,37 @@ for v in "${VARIANTS[@]}"; do
       # rounds of one row: every head release is waited for (see scripts/emu_mutants.py)
       run thread 300 r2-random EP_COMM_EMU_SCHEDULE=random:5 -- --ranks 2 --seed 34 --tokens 32 --timeout-s 60
       run thread 300 r2-row-ring -- --ranks 2 --seed 33 --cases bf16 --channels 1 --tokens 64 --slots 2 --timeout-s 60
+      ;;
+  esac
+  # Low-latency: every case (bf16, fp8, zero-copy, two dispatches in a row, two ops in flight, a
+  # hot expert with every slot used) per run; --p2p 1 direct stores, --p2p 0 NVSHMEM puts.
+  DRIVER=low_latency
+  case $v in
+    plain)
+      for p2p in 1 0; do
+        for seed in 1 2; do run plain 60 "ll-r2-p2p$p2p-seed$seed" -- --ranks 2 --p2p $p2p --seed $seed; done
+        run plain 60 "ll-r3-all-p2p$p2p" -- --ranks 3 --p2p $p2p --seed 3 --tokens 20 --hidden 512 --cases all
+        run plain 120 "ll-r8-p2p$p2p" -- --ranks 8 --p2p $p2p --seed 4 --tokens 8 --experts 16 --topk 5
+      done
+      # fibers in random / reverse order, puts delivered after up to 1 ms, few SMs (several tokens
+      # per block), a host sync after every kernel
+      run plain 60 ll-r4-random-slow-put EP_COMM_EMU_SCHEDULE=random:9 EP_COMM_EMU_NVSHMEM_DELAY_US=1000 -- --ranks 4 --p2p 0 --seed 5 --experts 8 --topk 4
+      run plain 60 ll-r3-reverse-sync EP_COMM_EMU_SCHEDULE=reverse -- --ranks 3 --p2p 1 --seed 6 --sync-each
+      run plain 60 ll-r2-sms2 EP_COMM_EMU_SCHEDULE=random:4 -- --ranks 2 --p2p 1 --seed 7 --sms 2 --tokens 40
+      # ranks 1 and 2 launch their sends 1 and 2 ms late: receivers wait for rows that land later
+      run plain 60 ll-r3-skew -- --ranks 3 --p2p 1 --seed 8 --skew-us 1000
+      run plain 60 ll-r3-skew-put -- --ranks 3 --p2p 0 --seed 8 --skew-us 1000
+      ;;
+    address)
+      run address 120 ll-r2-p2p -- --ranks 2 --p2p 1 --seed 21
+      run address 120 ll-r3-all-put EP_COMM_EMU_SCHEDULE=random:3 -- --ranks 3 --p2p 0 --seed 22 --hidden 512 --cases all
+      ;;
+    thread)
+      # 4 emulated SMs: a few blocks per kernel (cross-block hand-offs), few fibers for TSan
+      run thread 300 ll-r2-p2p -- --ranks 2 --p2p 1 --seed 31 --sms 4 --tokens 8 --cases bf16,double,inflight --timeout-s 60
+      run thread 300 ll-r2-put -- --ranks 2 --p2p 0 --seed 32 --sms 4 --tokens 8 --cases bf16,double,inflight --timeout-s 60
+      run thread 300 ll-r3-p2p -- --ranks 3 --p2p 1 --seed 33 --sms 4 --tokens 6 --cases fp8,zerocopy,full --timeout-s 60
+      run thread 300 ll-r3-put-random EP_COMM_EMU_SCHEDULE=random:6 -- --ranks 3 --p2p 0 --seed 34 --sms 4 --tokens 6 --cases inflight,full --timeout-s 60
       ;;
   esac
 done

@@ -11,6 +11,8 @@
 // built without TSan instrumentation, so the scheduler's own bookkeeping is invisible to it) each
 // fiber is a TSan fiber, switched without synchronisation, and happens-before is added only where
 // CUDA gives it: block barriers, named barriers and __syncwarp. Shuffles and ballots order nothing.
+// Standalone fences, which TSan ignores, become the release/acquire of the relaxed atomics next
+// to them ("fences under TSan" below).
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
@@ -125,6 +127,10 @@ struct SpinMemo {
 };
 constexpr int kSpinMemo = 4;
 
+// Under EP_EMU_TSAN: a fiber's last fence, as the relaxed atomics around it use it ("fences under TSan").
+enum class Fence { kNone, kPending, kUsed };
+constexpr int kRelaxedReads = 4;
+
 struct Fiber {
   void* sp = nullptr;
   char* stack_lo = nullptr;
@@ -142,6 +148,10 @@ struct Fiber {
   void* tsan_fiber = nullptr;
   void* asan_fake_stack = nullptr;
   bool started = false;
+  Fence fence = Fence::kNone;
+  int fence_barriers = 0;  // barriers and warp collectives passed while kPending
+  const volatile void* relaxed_reads[kRelaxedReads] = {};  // since the last fence or barrier
+  int num_relaxed_reads = 0;
 };
 
 struct BarrierState {
@@ -358,6 +368,28 @@ std::string thread_report(const Block& b) {
   --b.num_live;
   to_scheduler(f);
   std::abort();  // never resumed
+}
+
+// ---- fences under TSan -----------------------------------------------------------------------------
+//
+// TSan has no notion of a standalone fence, but the kernels use two idioms built on one:
+//   release  stores; a fence; a relaxed store or RMW at gpu/sys scope, which a peer acquires
+//            (publish_p2p: rows, __threadfence_system, red_add on the peer's counter; send_acks);
+//   acquire  a relaxed load or RMW; a fence; then what the word's writers published is read
+//            (is_last_recv_block: atomicAdd on the blocks-done counter, then __threadfence).
+// A fence marks its fiber kPending, and every relaxed store/RMW the fiber makes while marked first
+// calls __tsan_release on its address (the mark becomes kUsed). The mark ends at the fiber's first
+// barrier or warp collective after it was used (so a batch of relaxed writes all release), or at
+// the second one if it was never used (publish_p2p's fence sits between two __syncwarp); a
+// release store or RMW uses it up in the same way. A fence also calls __tsan_acquire on the
+// addresses of the fiber's last few relaxed loads/RMWs since its previous fence or barrier.
+// Approximations (they can hide a race, never invent one): a relaxed write also releases what the
+// fiber wrote between the fence and it, and the fence acquires what the word's writers released
+// up to then, not only what the value it read carried.
+
+void fence_at_barrier(Fiber& f) {
+  if (f.fence == Fence::kUsed || (f.fence == Fence::kPending && ++f.fence_barriers > 1)) f.fence = Fence::kNone;
+  f.num_relaxed_reads = 0;
 }
 
 // ---- barriers ----------------------------------------------------------------------------------------
@@ -699,6 +731,7 @@ int block_barrier(int id, int num_threads, int predicate, const char* what, cons
                " (must be a positive multiple of 32, at most the block's " + std::to_string(b.num_threads) + ") in " +
                where(site));
   }
+  fence_at_barrier(f);
   BarrierState& bs = b.barriers[id];
   if (bs.arrived == 0) {
     bs.expected = num_threads;
@@ -751,6 +784,7 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
     fault_here(where(site) + " with mask " + hex(mask) + " names lanes that do not exist in this warp");
   if (width <= 0 || width > 32 || (width & (width - 1)) != 0)
     fault_here(where(site) + " with width " + std::to_string(width) + " (must be a power of two up to 32)");
+  fence_at_barrier(f);
   WarpState& ws = b.warps[warp];
   auto divergent = [&](const WarpGroup& other) {
     fault_here("divergent warp collective: lane " + std::to_string(lane) + " calls " + where(site) + " with mask " +
@@ -806,6 +840,35 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
 }
 
 int kernel_device() { return t_block != nullptr ? t_block->launch->device : -1; }
+
+#ifdef EP_EMU_TSAN
+void tsan_fence() {
+  Fiber* f = t_fiber;
+  if (f == nullptr) return;  // not in a kernel
+  for (int i = 0; i < f->num_relaxed_reads; ++i) __tsan_acquire(const_cast<void*>(f->relaxed_reads[i]));
+  f->num_relaxed_reads = 0;
+  f->fence = Fence::kPending;
+  f->fence_barriers = 0;
+}
+
+void tsan_before_store(const volatile void* address, int memory_order) {
+  Fiber* f = t_fiber;
+  if (f == nullptr || f->fence == Fence::kNone) return;
+  if (memory_order == __ATOMIC_RELAXED) __tsan_release(const_cast<void*>(address));
+  f->fence = Fence::kUsed;  // a release store releases by itself
+}
+
+void tsan_after_load(const volatile void* address, int memory_order) {
+  Fiber* f = t_fiber;
+  if (f == nullptr || memory_order != __ATOMIC_RELAXED) return;
+  if (f->num_relaxed_reads < kRelaxedReads) {
+    f->relaxed_reads[f->num_relaxed_reads++] = address;
+  } else {
+    for (int i = 1; i < kRelaxedReads; ++i) f->relaxed_reads[i - 1] = f->relaxed_reads[i];
+    f->relaxed_reads[kRelaxedReads - 1] = address;
+  }
+}
+#endif
 
 [[noreturn]] void trap(const char* what, const char* file, int line) {
   fault_here(std::string(what) + " at " + base_name(file) + ":" + std::to_string(line));

@@ -191,8 +191,11 @@ __device__ __forceinline__ void end_send(const Common& c, uint64_t epoch) {
     nvshmem_quiet();
     __threadfence();
     if (atomicAdd(&c.state->send_blocks_done, 1u) == gridDim.x - 1) {
-      // Every block read ops_done before arriving here, so the update cannot race a reader.
-      c.state->send_blocks_done = 0;
+      // Acquire the other blocks' adds (a fence after the relaxed RMW); the counter is only ever
+      // accessed atomically. Every block read ops_done before arriving here, so the update cannot
+      // race a reader.
+      __threadfence();
+      ptx::st_relaxed_gpu(&c.state->send_blocks_done, 0u);
       ptx::st_relaxed_gpu(&c.state->ops_done, static_cast<unsigned long long>(epoch));
     }
   }
@@ -207,8 +210,10 @@ __device__ __forceinline__ bool is_last_recv_block(const Common& c, int half) {
     __threadfence();
     last = atomicAdd(&c.state->recv_blocks_done[half], 1u) == gridDim.x - 1;
     if (last) {
-      c.state->recv_blocks_done[half] = 0;
+      // Acquire: the other blocks' work on `half` comes before the reset and what the caller does
+      // next; the counter is only ever accessed atomically; send_acks' system fence publishes it.
       __threadfence();
+      ptx::st_relaxed_gpu(&c.state->recv_blocks_done[half], 0u);
     }
   }
   __syncthreads();

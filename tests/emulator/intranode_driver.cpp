@@ -45,26 +45,22 @@
 //       csrc/runtime/ipc_buffer.cpp csrc/emulator/{runtime,scheduler}.cpp -lpthread
 // Check everything: scripts/emu_sanitize.sh; prove the checks bite: scripts/emu_mutants.py.
 #include <cuda_runtime_api.h>
-#include <signal.h>
-#include <sys/resource.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "driver_common.hpp"
 #include "kernels/common/intranode_layout.cuh"
 #include "kernels/intranode.hpp"
 #include "kernels/layout.hpp"
@@ -73,6 +69,7 @@
 
 namespace {
 
+using namespace emu_driver;
 namespace in = ep_comm::intranode;
 
 // ---- options -------------------------------------------------------------------------------------
@@ -108,13 +105,7 @@ void usage(const char* argv0) {
 bool parse(int argc, char** argv, Options& o) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto value = [&](const char* name) -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "%s needs a value\n", name);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
+    auto value = [&](const char*) { return option_value(argc, argv, i); };
     if (a == "--ranks") o.ranks = std::atoi(value("--ranks"));
     else if (a == "--tokens") o.tokens = std::atoi(value("--tokens"));
     else if (a == "--hidden") o.hidden = std::atoi(value("--hidden"));
@@ -132,10 +123,7 @@ bool parse(int argc, char** argv, Options& o) {
     else if (a == "--verbose") o.verbose = true;
     else if (a == "--cases") {
       o.cases.clear();
-      std::stringstream ss(value("--cases"));
-      std::string item;
-      while (std::getline(ss, item, ','))
-        if (!item.empty()) o.cases.push_back(item == "all" ? "" : item);
+      for (const std::string& item : split_list(value("--cases"))) o.cases.push_back(item == "all" ? "" : item);
       if (std::find(o.cases.begin(), o.cases.end(), "") != o.cases.end()) {
         const bool abort_too = std::find(o.cases.begin(), o.cases.end(), "abort") != o.cases.end();
         o.cases = {"bf16", "fp8", "worst"};
@@ -175,38 +163,6 @@ bool parse(int argc, char** argv, Options& o) {
   return true;
 }
 
-// ---- seeded random numbers (splitmix64: the same stream on every platform) ------------------------
-
-struct Rng {
-  uint64_t state;
-  explicit Rng(uint64_t seed) : state(seed) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
-  float uniform() { return float(next() >> 40) * (1.0f / 16777216.0f); }  // [0, 1)
-  int below(int n) { return int(next() % uint64_t(n)); }
-};
-
-uint64_t mix(uint64_t a, uint64_t b) { return Rng(a * 0x100000001b3ull ^ (b + 0x9e3779b97f4a7c15ull)).next(); }
-
-// ---- bf16, as the GPU (and csrc/emulator/include/cuda_bf16.h) rounds -------------------------------
-
-uint16_t to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
-  return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-float from_bf16(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // ---- call signatures: exactly ep_comm/backends/intranode.py::_signature -----------------------------
 
 uint32_t crc32(const std::string& text) {
@@ -222,29 +178,6 @@ uint32_t signature(const std::string& kind, const std::vector<long long>& values
   for (size_t i = 0; i < values.size(); ++i) text += (i ? "," : "") + std::to_string(values[i]);
   return crc32(text) & 0x7fffffffu;
 }
-
-// ---- a host barrier for the setup and teardown steps (never between communication calls) -----------
-
-class HostBarrier {
- public:
-  explicit HostBarrier(int n) : n_(n) {}
-  void wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    const int gen = generation_;
-    if (++arrived_ == n_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return generation_ != gen; });
-    }
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  int n_, arrived_ = 0, generation_ = 0;
-};
 
 // ---- what one call (one case on one buffer) looks like ------------------------------------------------
 
@@ -314,12 +247,6 @@ void fill_bf16_rows(Rng& rng, std::vector<uint8_t>& out, int rows, int hidden) {
     }
   }
 }
-std::vector<uint16_t> bf16_vector(Rng& rng, size_t n, float scale) {
-  std::vector<uint16_t> v(n);
-  for (auto& e : v) e = to_bf16((rng.uniform() * 2.0f - 1.0f) * scale);
-  return v;
-}
-
 RankInputs make_inputs(const World& w, const CallSpec& c, int rank) {
   const Options& o = w.opt;
   Rng rng(mix(mix(o.seed, uint64_t(c.index) + 1), uint64_t(rank) + 101));
@@ -491,107 +418,21 @@ void compute_expected(World& w, int call) {
   }
 }
 
-// ---- device memory ---------------------------------------------------------------------------------
-//
-// Every array is its own cudaMalloc, so it ends at the emulator's guard page (an overrun faults;
-// under ASan the slack to the guard page is poisoned too). Nothing is freed before the end:
-// cudaFree synchronises every stream of the process, including peers' kernels that wait for this
-// rank's next call (ranks are threads here, so that would deadlock until the device timeout).
-
-struct DeviceArena {
-  std::vector<void*> blocks;
-  void* alloc(size_t bytes) {
-    if (bytes == 0) return nullptr;
-    void* p = nullptr;
-    EP_CUDA_CHECK(cudaMalloc(&p, bytes));
-    blocks.push_back(p);
-    return p;
-  }
-  template <typename T>
-  T* upload(const std::vector<T>& v) {
-    T* p = static_cast<T*>(alloc(v.size() * sizeof(T)));
-    if (p != nullptr) std::memcpy(p, v.data(), v.size() * sizeof(T));  // device memory is host memory
-    return p;
-  }
-  ~DeviceArena() {
-    for (void* p : blocks) (void)cudaFree(p);
-  }
-};
-
-template <typename T>
-std::vector<T> download(const void* p, size_t n) {
-  std::vector<T> v(n);
-  if (n != 0) std::memcpy(v.data(), p, n * sizeof(T));
-  return v;
-}
-
-// ---- comparison ----------------------------------------------------------------------------------------
-
-std::mutex g_print_mutex;
-std::atomic<int> g_mismatches{0};
-
-struct Checker {
-  const World& w;
-  int rank, call;
-  bool ok = true;
-
-  template <typename T>
-  static std::string text(T v) {
-    if constexpr (std::is_floating_point_v<T>) {
-      char buf[64];
-      std::snprintf(buf, sizeof(buf), "%.9g", double(v));
-      return buf;
-    } else {
-      return std::to_string(static_cast<long long>(v));
-    }
-  }
-
-  // Bit-exact comparison of `got` and `want`, both [rows, cols].
-  template <typename T>
-  void equal(const char* what, const std::vector<T>& got, const std::vector<T>& want, int cols) {
-    if (got.size() != want.size()) {
-      fail(std::string(what) + ": got " + std::to_string(got.size()) + " elements, expected " +
-           std::to_string(want.size()));
-      return;
-    }
-    int reported = 0, bad = 0;
-    for (size_t i = 0; i < got.size(); ++i) {
-      if (std::memcmp(&got[i], &want[i], sizeof(T)) == 0) continue;
-      ++bad;
-      if (reported++ < w.opt.max_reports) {
-        std::ostringstream os;
-        os << what << "[" << (cols > 0 ? i / cols : i) << "][" << (cols > 0 ? i % cols : 0) << "] = " << text(got[i])
-           << ", expected " << text(want[i]);
-        fail(os.str());
-      }
-    }
-    if (bad > w.opt.max_reports) fail(std::string(what) + ": " + std::to_string(bad) + " elements differ in all");
-  }
-  void fail(const std::string& message) {
-    ok = false;
-    g_mismatches.fetch_add(1);
-    std::lock_guard<std::mutex> lock(g_print_mutex);
-    std::fprintf(stderr, "MISMATCH rank %d call %d (%s, %d channels, seed %llu): %s\n", rank, call,
-                 w.calls[call].name.c_str(), w.calls[call].channels, (unsigned long long)w.opt.seed, message.c_str());
-  }
-};
-
 // ---- the rank threads ----------------------------------------------------------------------------------
 
 struct Shared {
   World* world = nullptr;
   HostBarrier* barrier = nullptr;
+  RankOutcomes* outcomes = nullptr;
   std::vector<std::string> handles;
-  std::mutex mutex;
-  std::vector<std::string> errors;  // kernel/runtime errors per rank (first one)
-  std::atomic<int> finished{0};
-  std::atomic<bool> any_error{false};
 };
 
-void log(const Options& o, const std::string& s) {
-  if (!o.verbose) return;
-  std::lock_guard<std::mutex> lock(g_print_mutex);
-  std::fprintf(stderr, "%s\n", s.c_str());
+// The context of a call's MISMATCH lines.
+Checker checker(const World& w, int rank, int call) {
+  std::ostringstream os;
+  os << "rank " << rank << " call " << call << " (" << w.calls[call].name << ", " << w.calls[call].channels
+     << " channels, seed " << w.opt.seed << ")";
+  return Checker{os.str(), w.opt.max_reports};
 }
 
 void sync_stream() { EP_CUDA_CHECK(cudaStreamSynchronize(nullptr)); }  // this rank's device's stream
@@ -606,9 +447,9 @@ void run_abort_call(Shared& sh, ep_comm::IpcBuffer& buf, DeviceArena& mem, int r
   const RankInputs& x = w.inputs[call][rank];
   const int R = o.ranks, C = c.channels, K = o.topk, L = o.experts_per_rank, E = w.num_experts();
   const int missing = R - 1;
-  Checker check{w, rank, call};
+  Checker check = checker(w, rank, call);
   if (rank == missing) {
-    log(o, "rank " + std::to_string(rank) + " call " + std::to_string(call) + " (abort): skipped on purpose");
+    log_line(o.verbose, "rank " + std::to_string(rank) + " call " + std::to_string(call) + " (abort): skipped on purpose");
     return;
   }
   const int n = x.num_tokens;
@@ -662,7 +503,7 @@ void run_abort_call(Shared& sh, ep_comm::IpcBuffer& buf, DeviceArena& mem, int r
   } else {
     std::ostringstream os;
     os << "rank " << rank << " call " << call << " (abort): raised after " << waited << " s as expected: " << error;
-    log(o, os.str());
+    log_line(o.verbose, os.str());
   }
 }
 
@@ -677,7 +518,7 @@ void run_call(Shared& sh, ep_comm::IpcBuffer& buf, DeviceArena& mem, int rank, i
   const int n = x.num_tokens, ns = w.num_scales(c);
   const int64_t hb = w.hidden_bytes(c);
   const double timeout_s = o.timeout_s;
-  Checker check{w, rank, call};
+  Checker check = checker(w, rank, call);
   auto after_op = [&] {
     if (o.sync_each) sync_stream();
   };
@@ -875,7 +716,7 @@ void run_call(Shared& sh, ep_comm::IpcBuffer& buf, DeviceArena& mem, int rank, i
   std::ostringstream os;
   os << "rank " << rank << " call " << call << " (" << c.name << ", " << C << " channels, " << n << " tokens, "
      << rows << " rows): " << (check.ok ? "ok" : "MISMATCH");
-  log(o, os.str());
+  log_line(o.verbose, os.str());
 }
 
 void rank_main(Shared& sh, int rank) {
@@ -890,21 +731,17 @@ void rank_main(Shared& sh, int rank) {
     sh.handles[rank] = buf->ipc_handle();
     setup_ok = true;
   } catch (const std::exception& ex) {
-    std::lock_guard<std::mutex> lock(sh.mutex);
-    sh.errors[rank] = std::string("setup: ") + ex.what();
-    sh.any_error = true;
+    sh.outcomes->error(rank, std::string("setup: ") + ex.what());
   }
   sh.barrier->wait();  // every handle is published (the all_gather of intranode.py)
   try {
     if (setup_ok) buf->open_peers(sh.handles);
   } catch (const std::exception& ex) {
-    std::lock_guard<std::mutex> lock(sh.mutex);
-    sh.errors[rank] = std::string("open_peers: ") + ex.what();
-    sh.any_error = true;
+    sh.outcomes->error(rank, std::string("open_peers: ") + ex.what());
     setup_ok = false;
   }
   sh.barrier->wait();  // every rank opened every peer (the errors all_gather of intranode.py)
-  if (sh.any_error) setup_ok = false;
+  if (sh.outcomes->any_error) setup_ok = false;
 
   if (setup_ok) {
     try {
@@ -915,39 +752,15 @@ void rank_main(Shared& sh, int rank) {
           run_call(sh, *buf, mem, rank, call);
       }
     } catch (const std::exception& ex) {
-      std::lock_guard<std::mutex> lock(sh.mutex);
-      sh.errors[rank] = ex.what();
-      sh.any_error = true;
+      sh.outcomes->error(rank, ex.what());
     }
     (void)cudaStreamSynchronize(nullptr);  // this rank's kernels are done (also after an error)
   }
-  sh.finished.fetch_add(1);
+  sh.outcomes->finished.fetch_add(1);
   // Nobody frees its buffer while a peer may still write into it (the dist.barrier of the tests).
   sh.barrier->wait();
   if (buf) buf->destroy();
 }
-
-#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
-void on_segv(int sig, siginfo_t* info, void*) {
-  char text[200];
-  const int len = std::snprintf(text, sizeof(text),
-                                "EMULATOR FAULT: signal %d at address %p (outside device memory: every allocation ends "
-                                "at the emulator's guard page; or a host bug)\n",
-                                sig, info->si_addr);
-  if (len > 0) (void)!write(2, text, size_t(len));
-  _exit(3);
-}
-void install_fault_reporter() {
-  struct sigaction sa {};
-  sa.sa_sigaction = on_segv;
-  sa.sa_flags = SA_SIGINFO;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGSEGV, &sa, nullptr);
-  sigaction(SIGBUS, &sa, nullptr);
-}
-#else
-void install_fault_reporter() {}  // the sanitizer reports it, with a stack
-#endif
 
 }  // namespace
 
@@ -985,21 +798,8 @@ int main(int argc, char** argv) {
     w.buffer_bytes = std::max<int64_t>(w.buffer_bytes,
                                        in::buffer_bytes(int64_t(o.hidden) * 2, o.ranks, w.calls[call].channels, o.slots));
   }
-  {
-    // Each block maps a stack and a guard page per thread (2 mappings each), and all blocks of all
-    // ranks' running kernels are alive at once in this one process.
-    long max_maps = 0;
-    if (FILE* f = std::fopen("/proc/sys/vm/max_map_count", "r")) {
-      if (std::fscanf(f, "%ld", &max_maps) != 1) max_maps = 0;
-      std::fclose(f);
-    }
-    const long needed = 2L * o.ranks * 2 * o.channels * in::dispatch_block_threads();
-    if (max_maps > 0 && needed > max_maps)
-      std::fprintf(stderr,
-                   "intranode_driver: warning: %d ranks x %d channels may need ~%ld memory mappings of fiber stacks at "
-                   "once, above vm.max_map_count = %ld (the emulator then fails to start a block)\n",
-                   o.ranks, o.channels, needed, max_maps);
-  }
+  // Each rank runs up to two kernels of 2 * channels blocks at once.
+  warn_if_too_many_fibers("intranode_driver", 2L * o.ranks * 2 * o.channels * in::dispatch_block_threads());
   std::fprintf(stderr,
                "intranode_driver: %d ranks, %d tokens, hidden %d, channels %d, slots %d, %d experts, top-%d, seed %llu, "
                "%zu calls, buffer %lld bytes\n",
@@ -1010,62 +810,14 @@ int main(int argc, char** argv) {
   sh.world = &w;
   HostBarrier barrier(o.ranks);
   sh.barrier = &barrier;
+  RankOutcomes outcomes(o.ranks);
+  sh.outcomes = &outcomes;
   sh.handles.assign(o.ranks, std::string());
-  sh.errors.assign(o.ranks, std::string());
 
   std::vector<std::thread> ranks;
   for (int r = 0; r < o.ranks; ++r) ranks.emplace_back(rank_main, std::ref(sh), r);
-
-  // Watchdog: an emulator fault is sticky for the process (a faulted CUDA context): report it and
-  // leave at once instead of letting the peers wait for their device timeouts. After a kernel
-  // error on one rank, give the others a moment to report theirs, then leave as well.
-  const auto start = std::chrono::steady_clock::now();
-  auto since = [](std::chrono::steady_clock::time_point t) {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-  };
-  std::chrono::steady_clock::time_point first_error{};
-  bool saw_error = false;
-  while (sh.finished.load() < o.ranks) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    if (cudaPeekAtLastError() == cudaErrorLaunchFailure) {
-      std::lock_guard<std::mutex> lock(g_print_mutex);
-      std::fprintf(stderr, "EMULATOR FAULT: %s\n", cudaGetErrorString(cudaErrorLaunchFailure));
-      std::fflush(stderr);
-      _exit(3);
-    }
-    if (sh.any_error && !saw_error) {
-      saw_error = true;
-      first_error = std::chrono::steady_clock::now();
-    }
-    if (saw_error && since(first_error) > 3.0) break;
-    if (since(start) > o.deadline_s) {
-      std::fprintf(stderr, "TIMEOUT: the driver's deadline of %.0f s passed (--deadline-s)\n", o.deadline_s);
-      std::fflush(stderr);
-      _exit(5);
-    }
-  }
-  const bool all_finished = sh.finished.load() == o.ranks;
-  {
-    std::lock_guard<std::mutex> lock(sh.mutex);
-    for (int r = 0; r < o.ranks; ++r)
-      if (!sh.errors[r].empty()) std::fprintf(stderr, "ERROR rank %d: %s\n", r, sh.errors[r].c_str());
-  }
-  if (!all_finished) {
-    std::fprintf(stderr, "ERROR: ranks still waiting after another rank's error; not waiting for their timeouts\n");
-    std::fflush(stderr);
-    _exit(g_mismatches.load() > 0 ? 1 : 4);
-  }
-  for (std::thread& t : ranks) t.join();
-  if (cudaPeekAtLastError() == cudaErrorLaunchFailure) {
-    std::fprintf(stderr, "EMULATOR FAULT: %s\n", cudaGetErrorString(cudaErrorLaunchFailure));
-    return 3;
-  }
-  if (g_mismatches.load() > 0) {
-    std::fprintf(stderr, "FAILED: %d mismatch(es), seed %llu\n", g_mismatches.load(), (unsigned long long)o.seed);
-    return 1;
-  }
-  if (sh.any_error) return 4;
-  std::fprintf(stderr, "OK: %zu calls on %d ranks matched the reference (seed %llu)\n", w.calls.size(), o.ranks,
-               (unsigned long long)o.seed);
-  return 0;
+  std::ostringstream ok_text;
+  ok_text << "OK: " << w.calls.size() << " calls on " << o.ranks << " ranks matched the reference (seed " << o.seed
+          << ")";
+  return wait_for_ranks(outcomes, ranks, o.deadline_s, o.seed, ok_text.str());
 }

@@ -30,21 +30,35 @@ namespace ptx {
 // points (the emulator switches to another thread of the block there and records where each
 // thread waits, for its deadlock reports). The file/line defaults name the caller.
 // ---------------------------------------------------------------------------------------
+// tsan_*: what ThreadSanitizer must be told about fences and relaxed atomics (ep_emu/device.hpp).
 #define EP_EMU_LOAD(NAME, ORDER)                                                                    \
   template <typename T>                                                                             \
   inline T NAME(const T* ptr, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {  \
-    ::ep_comm::emu::spin_point(ptr, sizeof(T), #NAME, file, line);                                             \
-    return __atomic_load_n(ptr, ORDER);                                                             \
+    ::ep_comm::emu::spin_point(ptr, sizeof(T), #NAME, file, line);                                  \
+    const T value = __atomic_load_n(ptr, ORDER);                                                    \
+    ::ep_comm::emu::tsan_after_load(ptr, ORDER);                                                    \
+    return value;                                                                                   \
   }
-#define EP_EMU_STORE(NAME, ORDER) \
-  template <typename T>           \
-  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { __atomic_store_n(ptr, value, ORDER); }
-#define EP_EMU_ADD(NAME, ORDER) \
-  template <typename T>         \
-  inline T NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { return __atomic_fetch_add(ptr, value, ORDER); }
-#define EP_EMU_RED(NAME, ORDER) \
-  template <typename T>         \
-  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) { __atomic_fetch_add(ptr, value, ORDER); }
+#define EP_EMU_STORE(NAME, ORDER)                                \
+  template <typename T>                                          \
+  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) {    \
+    ::ep_comm::emu::tsan_before_store(ptr, ORDER);               \
+    __atomic_store_n(ptr, value, ORDER);                         \
+  }
+#define EP_EMU_ADD(NAME, ORDER)                                  \
+  template <typename T>                                          \
+  inline T NAME(T* ptr, ::ep_comm::emu::same_t<T> value) {       \
+    ::ep_comm::emu::tsan_before_store(ptr, ORDER);               \
+    const T old = __atomic_fetch_add(ptr, value, ORDER);         \
+    ::ep_comm::emu::tsan_after_load(ptr, ORDER);                 \
+    return old;                                                  \
+  }
+#define EP_EMU_RED(NAME, ORDER)                                  \
+  template <typename T>                                          \
+  inline void NAME(T* ptr, ::ep_comm::emu::same_t<T> value) {    \
+    ::ep_comm::emu::tsan_before_store(ptr, ORDER);               \
+    __atomic_fetch_add(ptr, value, ORDER);                       \
+  }
 
 EP_EMU_LOAD(ld_acquire_sys, __ATOMIC_ACQUIRE)
 EP_EMU_LOAD(ld_acquire_gpu, __ATOMIC_ACQUIRE)
@@ -69,11 +83,17 @@ EP_EMU_RED(red_add_relaxed_gpu, __ATOMIC_RELAXED)
 #undef EP_EMU_ADD
 #undef EP_EMU_RED
 
-inline void fence_acq_rel_sys() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
-inline void fence_acq_rel_gpu() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
-inline void fence_acq_rel_cta() { __atomic_thread_fence(__ATOMIC_ACQ_REL); }
-inline void fence_sc_sys() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void fence_sc_gpu() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+#define EP_EMU_FENCE(NAME, ORDER)      \
+  inline void NAME() {                 \
+    ::ep_comm::emu::tsan_fence();      \
+    __atomic_thread_fence(ORDER);      \
+  }
+EP_EMU_FENCE(fence_acq_rel_sys, __ATOMIC_ACQ_REL)
+EP_EMU_FENCE(fence_acq_rel_gpu, __ATOMIC_ACQ_REL)
+EP_EMU_FENCE(fence_acq_rel_cta, __ATOMIC_ACQ_REL)
+EP_EMU_FENCE(fence_sc_sys, __ATOMIC_SEQ_CST)
+EP_EMU_FENCE(fence_sc_gpu, __ATOMIC_SEQ_CST)
+#undef EP_EMU_FENCE
 
 // Payload moves are plain accesses: ThreadSanitizer checks them against the protocol's
 // acquire/release pairs, which is how a ring published before its payload shows up.

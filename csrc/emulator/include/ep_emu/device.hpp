@@ -89,6 +89,28 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
 
 [[noreturn]] void trap(const char* what, const char* file, int line);
 
+// ThreadSanitizer ignores standalone fences, so the "fence, then a relaxed atomic" idiom (and its
+// mirror, "relaxed atomic, then a fence") orders nothing in its eyes. Under EP_EMU_TSAN the kernel
+// language and ptx.cuh report fences and relaxed atomics here, and the scheduler turns them into
+// the release and acquire they stand for (scheduler.cpp, "fences under TSan"). No-ops otherwise.
+#ifdef EP_EMU_TSAN
+void tsan_fence();
+void tsan_before_store(const volatile void* address, int memory_order);  // stores and the write of an RMW
+void tsan_after_load(const volatile void* address, int memory_order);    // loads and the read of an RMW
+#else
+inline void tsan_fence() {}
+inline void tsan_before_store(const volatile void*, int) {}
+inline void tsan_after_load(const volatile void*, int) {}
+#endif
+// A relaxed read-modify-write as the kernel language and ptx.cuh issue it (`op` does the atomic).
+template <typename T, typename Op>
+inline T relaxed_rmw(T* p, Op op) {
+  tsan_before_store(p, __ATOMIC_RELAXED);
+  const T old = op();
+  tsan_after_load(p, __ATOMIC_RELAXED);
+  return old;
+}
+
 // Runs `body` as every thread of every block of the grid, in stream order (runtime.cpp). A bad
 // configuration sets cudaGetLastError() as CUDA's launch does; `function` keys the limits that
 // cudaFuncSetAttribute raised.
@@ -263,17 +285,30 @@ inline float __uint_as_float(unsigned int u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline int __float_as_int(float f) {
+  int i;
+  std::memcpy(&i, &f, 4);
+  return i;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
 
 // ---- atomics (CUDA's are relaxed; _system/_block only change the scope, which is moot here) -----------------
-#define EP_EMU_ATOMIC_SCOPES(NAME, BODY)                                              \
-  template <typename T> inline T NAME(T* p, ::ep_comm::emu::same_t<T> v) BODY        \
-  template <typename T> inline T NAME##_system(T* p, ::ep_comm::emu::same_t<T> v) BODY \
-  template <typename T> inline T NAME##_block(T* p, ::ep_comm::emu::same_t<T> v) BODY
-EP_EMU_ATOMIC_SCOPES(atomicAdd, { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); })
-EP_EMU_ATOMIC_SCOPES(atomicSub, { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); })
-EP_EMU_ATOMIC_SCOPES(atomicOr, { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); })
-EP_EMU_ATOMIC_SCOPES(atomicAnd, { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); })
-EP_EMU_ATOMIC_SCOPES(atomicExch, { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); })
+// BODY returns the old value of *p.
+#define EP_EMU_ATOMIC_SCOPES(NAME, BODY)                                                            \
+  template <typename T> inline T NAME(T* p, ::ep_comm::emu::same_t<T> v) {                          \
+    return ::ep_comm::emu::relaxed_rmw(p, [&] { BODY });                                             \
+  }                                                                                                 \
+  template <typename T> inline T NAME##_system(T* p, ::ep_comm::emu::same_t<T> v) { return NAME(p, v); } \
+  template <typename T> inline T NAME##_block(T* p, ::ep_comm::emu::same_t<T> v) { return NAME(p, v); }
+EP_EMU_ATOMIC_SCOPES(atomicAdd, return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);)
+EP_EMU_ATOMIC_SCOPES(atomicSub, return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED);)
+EP_EMU_ATOMIC_SCOPES(atomicOr, return __atomic_fetch_or(p, v, __ATOMIC_RELAXED);)
+EP_EMU_ATOMIC_SCOPES(atomicAnd, return __atomic_fetch_and(p, v, __ATOMIC_RELAXED);)
+EP_EMU_ATOMIC_SCOPES(atomicExch, return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);)
 EP_EMU_ATOMIC_SCOPES(atomicMax, {
   T old = __atomic_load_n(p, __ATOMIC_RELAXED);
   while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
@@ -286,24 +321,37 @@ EP_EMU_ATOMIC_SCOPES(atomicMin, {
 })
 #undef EP_EMU_ATOMIC_SCOPES
 inline float atomicAdd(float* p, float v) {
-  float old, want;
-  __atomic_load(p, &old, __ATOMIC_RELAXED);
-  do {
-    want = old + v;
-  } while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-  return old;
+  return ::ep_comm::emu::relaxed_rmw(p, [&] {
+    float old, want;
+    __atomic_load(p, &old, __ATOMIC_RELAXED);
+    do {
+      want = old + v;
+    } while (!__atomic_compare_exchange(p, &old, &want, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return old;
+  });
 }
-#define EP_EMU_CAS(NAME)                                                                     \
-  template <typename T>                                                                      \
-  inline T NAME(T* p, ::ep_comm::emu::same_t<T> compare, ::ep_comm::emu::same_t<T> value) { \
-    __atomic_compare_exchange_n(p, &compare, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED); \
-    return compare;                                                                          \
+#define EP_EMU_CAS(NAME)                                                                        \
+  template <typename T>                                                                         \
+  inline T NAME(T* p, ::ep_comm::emu::same_t<T> compare, ::ep_comm::emu::same_t<T> value) {    \
+    return ::ep_comm::emu::relaxed_rmw(p, [&] {                                                 \
+      __atomic_compare_exchange_n(p, &compare, value, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED); \
+      return compare;                                                                           \
+    });                                                                                         \
   }
 EP_EMU_CAS(atomicCAS)
 EP_EMU_CAS(atomicCAS_system)
 EP_EMU_CAS(atomicCAS_block)
 #undef EP_EMU_CAS
 
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence() {
+  ::ep_comm::emu::tsan_fence();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+inline void __threadfence_system() {
+  ::ep_comm::emu::tsan_fence();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+inline void __threadfence_block() {
+  ::ep_comm::emu::tsan_fence();
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
