@@ -442,10 +442,32 @@ def test_sweep_and_incast_smoke(tmp_path):
     assert proc.returncode == 2 and "do not fit" in proc.stderr
 
 
+def test_sweep_bytes_with_a_model_smoke(tmp_path):
+    out_json, plots = tmp_path / "bytes.json", tmp_path / "plots"
+    has_plots = importlib.util.find_spec("matplotlib") is not None
+    out = _run(["-m", "ep_comm.bench", "--ranks", "2", "--model", "mixtral-8x22b", "--hidden", "512", "--tokens", "4",
+                "--sweep", "bytes", "--mode", "normal", "--dtype", "fp8", "--baseline", "none", "--no-check",
+                "--iters", "1", "--warmup", "0", "--json", str(out_json)]
+               + (["--plot", str(plots)] if has_plots else []), tmp_path)
+    assert "mistralai/Mixtral-8x22B-v0.1 config.json" in out
+    report = json.loads(out_json.read_text())
+    validate_report(report)
+    assert report["meta"]["config"]["model"] == "mixtral-8x22b" and report["meta"]["config"]["sweep"] == "bytes"
+    rows = [r for r in report["results"] if r["op"] == "dispatch"]
+    assert [r["hidden"] for r in rows] == [128, 256, 512] and {(r["topk"], r["experts"]) for r in rows} == {(2, 8)}
+    assert [r["bytes_per_rank"] for r in rows] == sorted(r["bytes_per_rank"] for r in rows)
+    if has_plots:
+        assert sorted(p.name for p in plots.iterdir()) == ["ep_normal_algbw.png", "ep_normal_latency.png"]
+
+
 def test_interconnect_smoke(tmp_path):
-    ic_json = tmp_path / "ic.json"
+    ic_json, plots = tmp_path / "ic.json", tmp_path / "plots"
+    has_plots = importlib.util.find_spec("matplotlib") is not None
     out = _run(["-m", "ep_comm.bench", "interconnect", "--max-bytes", "8K", "--iters", "1", "--warmup", "0",
-                "--json", str(ic_json)], tmp_path)
+                "--json", str(ic_json)] + (["--plot", str(plots)] if has_plots else []), tmp_path)
+    if has_plots:
+        assert all((plots / name).stat().st_size > 1000
+                   for name in ("interconnect_bandwidth.png", "interconnect_latency.png"))
     assert "a2a/all_to_all_single" in out and "local/copy" in out and "nvshmem/put" in out and "p99 us" in out
     report = json.loads(ic_json.read_text())
     validate_report(report)
@@ -453,6 +475,18 @@ def test_interconnect_smoke(tmp_path):
     assert {"p2p/memcpy", "local/copy", "a2a/all_to_all_single", "nvshmem/put", "nvshmem/put_signal"} <= names
     a2a = [r for r in report["results"] if r["name"] == "a2a/all_to_all_single"]
     assert all(r["bus_gbps"] == pytest.approx(r["gbps"] / 2) for r in a2a)
+
+
+def test_plot_without_matplotlib_stops_before_measuring(tmp_path):
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(shadow.parent), ROOT, os.environ.get("PYTHONPATH", "")]))
+    for args in (["--plot", str(tmp_path / "p")], ["interconnect", "--plot", str(tmp_path / "p")]):
+        proc = subprocess.run([sys.executable, "-m", "ep_comm.bench", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2 and "pip install .[bench]" in proc.stderr, proc.stderr
+        assert not (tmp_path / "p").exists()
 
 
 def test_plots(tmp_path):
