@@ -53,7 +53,8 @@ DEFINITIONS: Dict[str, str] = {
     "% ceiling": "2 x algbw x ranks sharing one memory / the copy ceiling (bytes read + written per second "
                  "of a local copy in this run)",
     "speedup": "ep_comm algbw / the baseline's algbw for the same mode, op, dtype, tokens and hidden",
-    "impl": "ep_comm (eager calls), ep_comm/graph (CUDA-graph replays, GPU only), baseline (all_to_all_single)",
+    "impl": "ep_comm (eager calls; each is first agreed by every rank through the group's store, on the host), "
+            "ep_comm/graph (CUDA-graph replays, GPU only: no host work), baseline (all_to_all_single)",
 }
 
 SWEEP_CHOICES = ("tokens", "bytes")
@@ -301,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "credited the whole job's time")
     if result["backend"] == "reference":
         notes.append("CPU/reference numbers: ep_comm here is the reference backend, itself all_to_all_single plus "
-                     "what the API promises (inputs validated and agreed by an all_reduce, top-k ids/weights "
+                     "what the API promises (inputs validated, each call agreed by every rank, top-k ids/weights "
                      "carried, low-latency outputs zero-padded to [E_local, R*T, H]), so it is expected to be "
                      "slower than the bare baseline; they measure this host, not the GPU kernels")
     rows = sorted(result["rows"], key=_sort_key)

@@ -161,6 +161,7 @@ class Env:
     ranks_sharing: int
     ceiling: Optional[dict] = None
     resources: dict = field(default_factory=dict)
+    graph_error: Optional[str] = None    # set once a CUDA-graph capture failed on any rank
     checks: List[dict] = field(default_factory=list)
 
 
@@ -331,7 +332,8 @@ def measure_low_latency(env: Env, case: Case, opts: Options) -> List[Sample]:
 
 
 def graphs_usable(env: Env, opts: Options) -> bool:
-    return opts.graph and env.device.type == "cuda" and env.backend_kind == "kernels"
+    return (opts.graph and env.device.type == "cuda" and env.backend_kind == "kernels"
+            and env.graph_error is None)
 
 
 def measure_low_latency_graphs(env: Env, case: Case, opts: Options, inp) -> List[Sample]:
@@ -362,7 +364,9 @@ def measure_low_latency_graphs(env: Env, case: Case, opts: Options, inp) -> List
         dist.all_gather_object(everyone, error, group=env.group)
         failed = next((f"rank {r}: {e}" for r, e in enumerate(everyone) if e), None)
         if failed:
-            raise RuntimeError(f"CUDA-graph capture of low_latency/{dtype} failed on {failed}")
+            # Every rank saw the same verdict, so all stop capturing together and keep their eager rows.
+            env.graph_error = f"CUDA-graph capture of low_latency/{dtype} failed on {failed}"
+            return samples
         g_dispatch, g_combine, state = graphs
         g_dispatch.replay()
         g_combine.replay()
@@ -825,10 +829,15 @@ def bench_body(rank: int, world: int, group: dist.ProcessGroup, cases: List[dict
         bar.close()
     if rank != 0:
         return None
-    graph = ("measured" if graphs_usable(env, options) else
-             None if not options.graph else
-             "skipped: CUDA graphs need the GPU kernels (this run uses the " + env.backend_kind + " backend on " +
-             env.device.type + ")")
+    if not options.graph:
+        graph = None
+    elif env.graph_error is not None:
+        graph = "failed: " + env.graph_error
+    elif graphs_usable(env, options):
+        graph = "measured"
+    else:
+        graph = ("skipped: CUDA graphs need the GPU kernels (this run uses the " + env.backend_kind + " backend on " +
+                 env.device.type + ")")
     return {"backend": env.backend_kind, "baseline": baseline_kind, "ceiling": env.ceiling, "checks": checks,
             "rows": rows, "ranks_sharing_memory": env.ranks_sharing, "routing": summaries,
             "resources": env.resources, "graph": graph}
