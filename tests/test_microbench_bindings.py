@@ -1,26 +1,19 @@
 """The interconnect microbenchmark bindings (csrc/bindings/microbench.cpp) and their use in
-bench/bench_interconnect.py: present in the extension, readable errors without a GPU, and (on a GPU)
-sm_copy reproducing its source byte for byte."""
-import importlib.util
-import os
-
+`python -m ep_comm.bench interconnect` (ep_comm/bench/interconnect.py): present in the extension,
+readable errors without a GPU, and (on a GPU) sm_copy reproducing its source byte for byte."""
 import pytest
 import torch
 
 from ep_comm import _ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = _ext.load()
 needs_extension = pytest.mark.skipif(C is None, reason=f"ep_comm._C is not built: {_ext.unavailable_reason()}")
 GPU = C is not None and _ext.gpu_available() and torch.cuda.is_available()
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_interconnect", os.path.join(ROOT, "bench",
-                                                                                     "bench_interconnect.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ep_comm.bench import interconnect
+    return interconnect
 
 
 @needs_extension

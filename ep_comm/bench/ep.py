@@ -1,4 +1,4 @@
-"""Dispatch/combine measurements inside the ranks, shared by `python -m ep_comm.bench` and bench/bench_ep.py.
+"""Dispatch/combine measurements inside the ranks, for `python -m ep_comm.bench`.
 
 Per rank: build Buffers (kernels where available, else the reference), make seeded inputs (routed
 by ep_comm.bench.routing), check correctness once, then time each requested (mode, op, dtype).
