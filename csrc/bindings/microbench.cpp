@@ -1,4 +1,4 @@
-// Bindings of the interconnect microbenchmarks (kernels/microbench.cu) for bench/bench_interconnect.py:
+// Bindings of the interconnect microbenchmarks (kernels/microbench.cu) for ep_comm/bench/interconnect.py:
 //   sm_copy(dst_ptr, src_ptr, num_bytes, device, num_blocks=0, stream=0), enable_peer_access(device, peer)
 //   NvshmemScratch(num_bytes, rank, num_ranks, device): a symmetric buffer and its put / ping-pong
 //   benchmarks. It takes its own reference on the process's NVSHMEM (initialised first from

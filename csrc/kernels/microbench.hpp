@@ -1,5 +1,5 @@
 // Host-side interface of the interconnect microbenchmarks (csrc/kernels/microbench.cu), used by
-// bench/bench_interconnect.py through bindings/microbench.cpp. Plain C++ (no device code), so the
+// ep_comm/bench/interconnect.py through bindings/microbench.cpp. Plain C++ (no device code), so the
 // host compiler can include it. Pointers are raw device addresses, streams are cudaStream_t; the
 // caller has made the right device current (these launchers know nothing of torch's device).
 //
