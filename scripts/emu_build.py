@@ -3,9 +3,10 @@
 
     python scripts/emu_build.py [--variant plain|address|thread] [--out DIR]
 
-Drivers: intranode_driver (layout + intranode kernels over IPC buffers) and low_latency_driver
-(low-latency kernels over the emulated NVSHMEM), both in build/emu-check/<variant>/, sharing the
-objects of the emulated device. Variants:
+Drivers: intranode_driver (layout + intranode kernels over IPC buffers), low_latency_driver
+(low-latency kernels over the emulated NVSHMEM) and internode_driver (layout + internode kernels
+over the emulated NVSHMEM, ranks on emulated nodes), all in build/emu-check/<variant>/, sharing
+the objects of the emulated device. Variants:
   plain    g++ -O2
   address  g++ -O2 -fsanitize=address,undefined -fno-sanitize-recover=undefined
   thread   g++ -O2 with libtsan: every file -fsanitize=thread except csrc/emulator/scheduler.cpp, which
@@ -40,6 +41,11 @@ DRIVERS: Dict[str, Tuple[str, List[str]]] = {
     "low_latency": ("tests/emulator/low_latency_driver.cpp",
                     ["kernels/low_latency.cu", "runtime/nvshmem_runtime.cpp",
                      "emulator/runtime.cpp", "emulator/scheduler.cpp", "emulator/nvshmem.cpp"]),
+    "internode": ("tests/emulator/internode_driver.cpp",
+                  # low_latency.cu only because nvshmem_runtime.cpp also holds LowLatencyRuntime
+                  ["kernels/layout.cu", "kernels/internode.cu", "runtime/internode_runtime.cpp",
+                   "runtime/nvshmem_runtime.cpp", "kernels/low_latency.cu", "emulator/runtime.cpp",
+                   "emulator/scheduler.cpp", "emulator/nvshmem.cpp"]),
 }
 SCHEDULER = "emulator/scheduler.cpp"  # never TSan-instrumented
 

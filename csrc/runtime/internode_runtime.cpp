@@ -22,9 +22,13 @@ InternodeRuntime::InternodeRuntime(int64_t num_bytes, int rank, int num_ranks, i
                      " ranks per node, got " + std::to_string(ranks_per_node));
   EP_HOST_ASSERT(timeout_s > 0, "timeout must be positive");
   EP_CUDA_CHECK(cudaGetDevice(&device_));
-  EP_HOST_ASSERT(nvshmem_runtime::is_initialized(),
-                 "initialise NVSHMEM (nvshmem_acquire) before creating an InternodeRuntime");
-  nvshmem_runtime::acquire(std::string(), rank, num_ranks, device_);
+  EP_HOST_ASSERT(nvshmem_runtime::is_initialized() && nvshmem_runtime::my_pe() == rank &&
+                     nvshmem_runtime::num_pes() == num_ranks,
+                 "initialise NVSHMEM (nvshmem_acquire) for this rank and group before creating an InternodeRuntime");
+  // Its own reference, as LowLatencyRuntime takes it: the PE is checked through NVSHMEM itself (of
+  // this thread's device), not acquire()'s process-wide rank, so ranks can also be threads of one
+  // process (tests/emulator/internode_driver.cpp).
+  nvshmem_runtime::add_reference();
   try {
     timeout_ns_ = timeout_ns_from_seconds(timeout_s);
     // Counters start at zero; peers write them only after the host barrier Python runs next.

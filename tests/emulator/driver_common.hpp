@@ -1,7 +1,8 @@
 // What the in-process multi-rank drivers in tests/emulator share (intranode_driver.cpp,
-// low_latency_driver.cpp): seeded random numbers, bf16 rounding, a host barrier, device memory
-// that ends at the emulator's guard page, bit-exact comparison that prints MISMATCH lines, the
-// SIGSEGV reporter and the watchdog that ends a run with the drivers' common exit statuses:
+// low_latency_driver.cpp, internode_driver.cpp): seeded random numbers, bf16 rounding, a host
+// barrier, device memory that ends at the emulator's guard page, bit-exact comparison that prints
+// MISMATCH lines, NVSHMEM PEs as threads, the SIGSEGV reporter and the watchdog that ends a run
+// with the drivers' common exit statuses:
 //   0 everything matched; 1 a mismatch; 2 bad usage; 3 an emulated-device fault (printed by the
 //   emulator; or a SIGSEGV outside device memory); 4 a kernel or runtime error; 5 the driver's
 //   own deadline.
@@ -9,6 +10,8 @@
 #pragma once
 
 #include <cuda_runtime_api.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
 #include <signal.h>
 #include <unistd.h>
 
@@ -27,6 +30,7 @@
 #include <vector>
 
 #include "runtime/errors.hpp"
+#include "runtime/nvshmem_runtime.hpp"
 
 namespace emu_driver {
 
@@ -221,6 +225,45 @@ struct Checker {
     std::fprintf(stderr, "MISMATCH %s: %s\n", context.c_str(), message.c_str());
   }
 };
+
+// ---- NVSHMEM PEs as threads ---------------------------------------------------------------------------
+//
+// nvshmem_runtime keeps one PE per process (its reference count and PE number are process-wide,
+// as NVSHMEM's own state is), so only rank 0 initialises through nvshmem_runtime::acquire(); the
+// other ranks initialise their PE (of their current emulated device: the emulated NVSHMEM finds
+// PEs by device) with the same unique id through nvshmemi_init_thread, the call acquire() makes,
+// all at once (the bootstrap waits for every PE). Call with the rank's device current; then a host
+// barrier before anyone relies on rank 0's reference (runtimes take their own with add_reference).
+inline void init_nvshmem_pe(const std::string& unique_id, int rank, int num_ranks) {
+  if (rank == 0) {
+    ep_comm::nvshmem_runtime::acquire(unique_id, 0, num_ranks, 0);
+    return;
+  }
+  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+  std::memcpy(&id, unique_id.data(), sizeof(id));
+  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+  EP_NVSHMEM_CHECK(nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr));
+  attr.args.cuda_device_id = rank;
+  int provided = 0;
+  const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                      NVSHMEM_VENDOR_PATCH_VERSION};
+  EP_NVSHMEM_CHECK(
+      nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version));
+}
+
+// After every runtime gave its reference back (a host barrier after their destroy()): rank 0's
+// reference is the last (nvshmem_finalize), the other PEs finalise directly. Collective.
+inline void finalize_nvshmem_pe(int rank) {
+  if (rank == 0) ep_comm::nvshmem_runtime::release();
+  else nvshmem_finalize();
+}
+
+// A symmetric heap just large enough for `buffer_bytes` (the default 1 GiB per PE costs ASan time
+// to poison). Before the first NVSHMEM call; an explicit NVSHMEM_SYMMETRIC_SIZE wins.
+inline void size_symmetric_heap(int64_t buffer_bytes) {
+  const int64_t heap = (buffer_bytes + (4 << 20)) / (1 << 20) * (1 << 20);
+  setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap).c_str(), 0);
+}
 
 // ---- faults -----------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@
 // NVSHMEM set-up: nvshmem_runtime keeps one PE per process (its reference count and PE number are
 // process-wide, as NVSHMEM's own state is), so only rank 0 initialises through
 // nvshmem_runtime::acquire(); the other ranks initialise their PE with the same unique id through
-// the emulated NVSHMEM's nvshmemi_init_thread (the call acquire() makes), all at once (the
+// the emulated NVSHMEM's nvshmemi_init_thread (driver_common.hpp: init_nvshmem_pe), all at once (the
 // bootstrap waits for every PE). Then every rank constructs LowLatencyRuntime (whose constructor
 // checks nvshmem_my_pe() of its device, takes a reference and allocates the symmetric buffer
 // collectively), with a host barrier after it, as ep_comm/backends/low_latency.py does. At the end
@@ -655,25 +655,6 @@ class RankRun {
   std::vector<CombineDevice> combine_;
 };
 
-// NVSHMEM PE `rank` on device `rank` (see the top of the file for why only rank 0 goes through
-// nvshmem_runtime::acquire).
-void init_nvshmem(const World& w, int rank) {
-  if (rank == 0) {
-    ep_comm::nvshmem_runtime::acquire(w.unique_id, 0, w.R(), 0);
-    return;
-  }
-  nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
-  std::memcpy(&id, w.unique_id.data(), sizeof(id));
-  nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
-  EP_NVSHMEM_CHECK(nvshmemx_set_attr_uniqueid_args(rank, w.R(), &id, &attr));
-  attr.args.cuda_device_id = rank;
-  int provided = 0;
-  const nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
-                                      NVSHMEM_VENDOR_PATCH_VERSION};
-  EP_NVSHMEM_CHECK(
-      nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr, version));
-}
-
 void rank_main(Shared& sh, int rank) {
   const World& w = *sh.world;
   const Options& o = w.opt;
@@ -682,7 +663,7 @@ void rank_main(Shared& sh, int rank) {
   std::unique_ptr<ep_comm::LowLatencyRuntime> rt;
   try {
     EP_CUDA_CHECK(cudaSetDevice(rank));
-    init_nvshmem(w, rank);
+    init_nvshmem_pe(w.unique_id, rank, w.R());
     nvshmem_up = true;
   } catch (const std::exception& ex) {
     out.error(rank, std::string("NVSHMEM initialisation: ") + ex.what());
@@ -716,10 +697,7 @@ void rank_main(Shared& sh, int rank) {
   }
   // Every runtime gave its reference back (the count is process-wide), so rank 0's is the last.
   sh.barrier->wait();
-  if (nvshmem_up) {
-    if (rank == 0) ep_comm::nvshmem_runtime::release();
-    else nvshmem_finalize();
-  }
+  if (nvshmem_up) finalize_nvshmem_pe(rank);
 }
 
 }  // namespace
@@ -733,9 +711,7 @@ int main(int argc, char** argv) {
   if (o.sms > 0) setenv("EP_COMM_EMU_NUM_SMS", std::to_string(o.sms).c_str(), 1);
   if (!o.p2p) setenv("NVSHMEM_DISABLE_P2P", "1", 1);
   plan(w);
-  // A heap just large enough (the default 1 GiB per PE costs ASan time to poison).
-  const int64_t heap = (w.buffer_bytes + (4 << 20)) / (1 << 20) * (1 << 20);
-  setenv("NVSHMEM_SYMMETRIC_SIZE", std::to_string(heap).c_str(), 0);
+  size_symmetric_heap(w.buffer_bytes);
 
   int sms = 0;
   (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
