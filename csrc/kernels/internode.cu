@@ -67,20 +67,22 @@ __device__ __forceinline__ uint32_t tagged_value(const void* ptr, uint32_t epoch
 }
 
 // A word others keep updating, read once by lane 0 and broadcast, so that every lane sees the
-// same value and warp-uniform control flow stays uniform. Every lane then acquires it (the
-// shuffle orders nothing), so data published before the word is visible to all of them.
+// same value and warp-uniform control flow stays uniform. The shuffle orders no memory, and a
+// fence in a lane that did not read the word synchronises it with nobody: __syncwarp (which
+// orders memory among its lanes) passes lane 0's acquire on, so data published before the word is
+// visible to every lane (ThreadSanitizer on the emulator reported the fence-only version).
 __device__ __forceinline__ uint32_t warp_tagged_value(const void* ptr, uint32_t epoch, uint32_t fallback, int lane) {
   uint32_t v = 0;
   if (lane == 0) v = tagged_value(ptr, epoch, fallback);
   v = __shfl_sync(0xffffffffu, v, 0);
-  ptx::fence_acq_rel_gpu();
+  __syncwarp();
   return v;
 }
 __device__ __forceinline__ int warp_counter(const void* ptr, int lane) {
   int v = 0;
   if (lane == 0) v = int(ld_acquire_u64(ptr));
   v = __shfl_sync(0xffffffffu, v, 0);
-  ptx::fence_acq_rel_gpu();
+  __syncwarp();
   return v;
 }
 
@@ -384,6 +386,7 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
         nvl_head = max(sh.fwd_nvl_head[m * L + lane],
                        int(tagged_value(cm.buffer + lay.nvl_head(lane * N + m, c), epoch, 0)));
       }
+      __syncwarp();  // lane l acquired ring l's head, but every lane writes ring l's slots below
       const uint8_t* ring = cm.buffer + lay.rdma_recv(m, c);
       const int batch_begin = consumed;
       while (consumed < tail && consumed - batch_begin < a.nvl_chunk) {
