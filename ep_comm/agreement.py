@@ -10,8 +10,11 @@ The messages go through the process group's key-value store (the one torch.distr
 initialised with), not through a collective: a store wait can time out and be retried without
 leaving a half-finished collective behind (a gloo collective that timed out still pairs with the
 late rank's next collective). Keys are numbered by call, so a late rank finds its own call, and a
-commit counter settles the race between "everyone arrived" and "a rank gave up": the first wins.
-Cost: about five store round trips per call (BENCHMARKS.md, CPU section); no device work.
+compare-and-set on the call's commit key settles the race between "everyone arrived" and "a rank
+gave up": the first writer wins, and a late rank learns that its call was abandoned.
+Cost: five store round trips per call (BENCHMARKS.md, CPU section); no device work. The keys of
+a call are deleted at the next call; a Buffer's last call and abandoned calls leave theirs (a few
+hundred bytes in the store, per Buffer and per timeout).
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ import torch.distributed as dist
 
 from ep_comm.errors import EpCommMismatch, EpCommTimeout
 
-# Added to a call's commit counter by a rank that gave up waiting; each arriving rank adds 1.
-_GAVE_UP = 1 << 40
+# The two fates of a call, written once to its commit key (compare-and-set: the first writer wins).
+_COMMITTED = "committed"
+_ABANDONED = "abandoned"
 _ERROR_CHARS = 400
-_prefix_counts: Dict[Tuple[str, str], int] = {}
-_prefix_lock = threading.Lock()
+_agreements: Dict[Tuple[str, int], "Agreement"] = {}
+_agreements_lock = threading.Lock()
 
 
 def timeout_s() -> float:
@@ -47,14 +51,17 @@ def _group_name(group) -> str:
     return str(name) if name else str(dist.get_process_group_ranks(group))
 
 
-def next_prefix(group, what: str) -> str:
-    """A store prefix for the next `what` on `group`: the n-th one this process made on that group.
-    Ranks that create their Buffers in the same order get the same prefixes."""
-    key = (_group_name(group), what)
-    with _prefix_lock:
-        count = _prefix_counts.get(key, 0)
-        _prefix_counts[key] = count + 1
-    return f"ep_comm/{key[0]}/{what}{count}"
+def for_group(group) -> "Agreement":
+    """The call sequence of `group` in this process, shared by all its Buffers and the plain API.
+    One sequence per group, not per Buffer: collectives on one group must come in one order on every
+    rank anyway, and a shared sequence leaves no keys behind in the store when a Buffer goes."""
+    store = dist.distributed_c10d._get_default_store()
+    key = (_group_name(group), id(store))
+    with _agreements_lock:
+        found = _agreements.get(key)
+        if found is None:
+            found = _agreements[key] = Agreement(group, f"ep_comm/{key[0]}", store)
+        return found
 
 
 def ranks_text(ranks: Sequence[int]) -> str:
@@ -63,30 +70,31 @@ def ranks_text(ranks: Sequence[int]) -> str:
 
 
 class Agreement:
-    """The call sequence of one Buffer (or of the plain API on one group) and its agreement step."""
+    """The call sequence of one process group (see for_group) and its agreement step."""
 
-    def __init__(self, group, prefix: str, timeout: float, label: str = "this Buffer") -> None:
-        self.label = label      # whose call sequence it is, for messages
+    def __init__(self, group, prefix: str, store) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
         self.prefix = prefix
-        self.timeout_s = timeout
         self.seq = 0            # number of the next call
-        self.store = dist.distributed_c10d._get_default_store()
+        self.store = store
+        self.timeout_s = 0.0    # of the call in progress
 
     def _key(self, seq: int, name: str) -> str:
         return f"{self.prefix}/{seq}/{name}"
 
-    def agree(self, kind: str, fields: Sequence[Tuple[str, Any]] = (), error: Optional[BaseException] = None,
+    def agree(self, kind: str, fields: Sequence[Tuple[str, Any]], error: Optional[BaseException], timeout: float,
               info: Any = None) -> List[Any]:
-        """Post this rank's call and wait for every rank's. Returns every rank's `info` (rank order).
+        """Post this rank's call and wait at most `timeout` seconds for every rank's. Returns every
+        rank's `info` (rank order).
 
         Raises `error` (this rank's own validation error) if it is set and the call is refused;
         EpCommMismatch if another rank rejected its inputs or made another call; EpCommTimeout if a
         rank did not arrive within the timeout, or if this rank arrived after its peers gave up."""
         seq = self.seq
         self.seq += 1
+        self.timeout_s = timeout
         message = {"kind": kind, "fields": [[name, _plain(value)] for name, value in fields],
                    "error": None if error is None else f"{type(error).__name__}: {error}"[:_ERROR_CHARS],
                    "info": info}
@@ -106,31 +114,34 @@ class Agreement:
             raise EpCommTimeout(f"ep_comm rank {self.rank}: the agreement step of {kind} (call #{seq}) could not "
                                 f"reach the process group's store ({type(e).__name__}: {e}); the process that "
                                 "hosts it (rank 0 of the default group) may have exited") from None
-        self._check(seq, kind, message, messages, error)
+        self._check(seq, kind, messages, error)
         return [m["info"] for m in messages]
 
     def _wait_and_commit(self, seq: int, kind: str, keys: List[str]) -> None:
+        """Wait for every rank's message, then settle the call's fate with one compare-and-set on its
+        commit key: the first rank to write decides, "committed" (all messages were there: the call
+        runs on every rank) or "abandoned" (a rank gave up waiting: it runs on none)."""
         store = self.store
         commit = self._key(seq, "commit")
         try:
             store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
         except Exception:  # noqa: BLE001 - a timeout; a dead store fails again below and is reported there
             store.set(self._key(seq, f"gaveup{self.rank}"), "1")
-            if int(store.add(commit, _GAVE_UP)) % _GAVE_UP > 0:
+            if _text(store.compare_set(commit, "", _ABANDONED)) == _COMMITTED:
                 # A rank saw every message before this one gave up: the call goes ahead everywhere.
                 store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
                 return
             missing = [r for r in range(self.num_ranks) if not store.check([keys[r]])]
             raise EpCommTimeout(
                 f"ep_comm rank {self.rank} gave up after {self.timeout_s:g} s (EP_COMM_TIMEOUT_S) in the agreement "
-                f"step of {kind} (call #{seq} of {self.label}): still waiting for rank(s) {missing}, which did not "
+                f"step of {kind} (call #{seq} on this group): still waiting for rank(s) {missing}, which did not "
                 "make this call. Nothing was sent. If they are alive, their late call raises too, and the next "
                 "call every rank makes alike runs; if one died, the group cannot be used without it") from None
-        if int(store.add(commit, 1)) >= _GAVE_UP:
+        if _text(store.compare_set(commit, "", _COMMITTED)) == _ABANDONED:
             gave_up = [r for r in range(self.num_ranks) if store.check([self._key(seq, f"gaveup{r}")])]
             self._skip_abandoned(seq)
             raise EpCommTimeout(
-                f"ep_comm rank {self.rank}: {kind} (call #{seq} of {self.label}) arrived after rank(s) {gave_up} "
+                f"ep_comm rank {self.rank}: {kind} (call #{seq} on this group) arrived after rank(s) {gave_up} "
                 f"gave up waiting for it (EP_COMM_TIMEOUT_S={self.timeout_s:g} s), so no rank ran it. This rank "
                 f"now continues at call #{self.seq}, the call its peers are making or will make next: make the "
                 "next call on every rank alike (or destroy the Buffer on every rank and create a new one)")
@@ -139,7 +150,10 @@ class Agreement:
         """After a late arrival, move past the calls the peers gave up on meanwhile (none of them ran),
         so this rank's next call meets the peers' next call."""
         nxt = seq + 1
-        while int(self.store.add(self._key(nxt, "commit"), 0)) >= _GAVE_UP:
+        while True:
+            commit = self._key(nxt, "commit")
+            if not (self.store.check([commit]) and _text(self.store.get(commit)) == _ABANDONED):
+                break
             nxt += 1
         self.seq = max(self.seq, nxt)
 
@@ -159,7 +173,7 @@ class Agreement:
         except Exception:  # noqa: BLE001 - the store is gone too: every peer is suspect
             return [r for r in range(self.num_ranks) if r != self.rank]
 
-    def _check(self, seq: int, kind: str, mine: dict, messages: List[dict], error: Optional[BaseException]) -> None:
+    def _check(self, seq: int, kind: str, messages: List[dict], error: Optional[BaseException]) -> None:
         kinds = [m["kind"] for m in messages]
         rejected = [r for r, m in enumerate(messages) if m["error"] is not None]
         problem = None
@@ -169,10 +183,10 @@ class Agreement:
             details = "; ".join(f"rank {r}: {messages[r]['error']}" for r in rejected)
             problem = f"rank(s) {rejected} rejected their inputs ({details})"
         else:
-            names = [name for name, _ in mine["fields"]]
+            names = list(dict.fromkeys(name for m in messages for name, _ in m["fields"]))
             diffs: List[str] = []
-            for i, name in enumerate(names):
-                diffs += _differences(messages, lambda m, i=i: m["fields"][i][1] if i < len(m["fields"]) else None,
+            for name in names:
+                diffs += _differences(messages, lambda m, name=name: dict(m["fields"]).get(name, "(absent)"),
                                       lambda v, name=name: f" with {name}={v}", kind=kind)
             if diffs:
                 problem = "; ".join(diffs)
@@ -180,7 +194,7 @@ class Agreement:
             return
         if error is not None:
             raise error
-        raise EpCommMismatch(f"ep_comm rank {self.rank}: {kind} (call #{seq} of {self.label}) was not run on any rank: "
+        raise EpCommMismatch(f"ep_comm rank {self.rank}: {kind} (call #{seq} on this group) was not run on any rank: "
                              f"{problem}. Every rank must make the same calls in the same order, with the same "
                              "shapes, dtypes and options; this Buffer serves the next matched call")
 
@@ -203,6 +217,10 @@ def _differences(messages: List[dict], get, describe, verb_only: bool = False, k
         else:
             parts.append(f"{ranks_text(ranks)}{describe(value)}")
     return [", ".join(parts)]
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _plain(value: Any) -> Any:

@@ -4,7 +4,7 @@ Each process group gets one cached Buffer per mode, sized for the largest call s
 (a larger call replaces it; a destroyed one is replaced at the next call). Every dispatch is agreed
 by all ranks before any Buffer is sized or made (ep_comm/agreement.py), so a rank with other shapes
 or a bad input gets the real cause, on every rank, instead of a Buffer-size mismatch. The plain
-API's calls and its Buffers share one call sequence per group. Results are named dataclasses.
+API's calls and all Buffers share one call sequence per group. Results are named dataclasses.
 Handles remember their Buffer, so combine needs no group.
 """
 from __future__ import annotations
@@ -25,17 +25,6 @@ from ep_comm.event import EventOverlap
 _buffers: Dict[Tuple[int, bool], Buffer] = {}   # (id(group), low_latency) -> Buffer
 _buffers_by_id: Dict[int, Buffer] = {}
 _low_latency_sizes: Dict[int, Tuple[int, int, int]] = {}  # buffer id -> (T, H, E) of its last dispatch
-_agreements: Dict[int, agreement.Agreement] = {}  # id(group) -> the plain API's call sequence on it
-
-
-def _agreement_of(group) -> agreement.Agreement:
-    found = _agreements.get(id(group))
-    if found is None:
-        found = agreement.Agreement(group, agreement.next_prefix(group, "plain"), agreement.timeout_s(),
-                                    "the plain API on this group")
-        _agreements[id(group)] = found
-    return found
-
 
 def _buffer_state(group, low_latency: bool) -> str:
     """'none', 'live' or 'destroyed': part of what ranks agree on, since it decides who makes a Buffer."""
@@ -96,8 +85,7 @@ def get_buffer(group: Optional[dist.ProcessGroup] = None, *, low_latency: bool =
         _buffers.pop(key)
         _buffers_by_id.pop(buffer._id, None)
         buffer.destroy()
-    buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency,
-                    _agreement=_agreement_of(group))
+    buffer = Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes, low_latency_mode=low_latency)
     _buffers[key] = buffer
     _buffers_by_id[buffer._id] = buffer
     return buffer
@@ -129,7 +117,7 @@ def dispatch(x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], topk_idx
         return (max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs),
                 max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs))  # rdma: 0 in one node
 
-    sizes = _agree_plain(group, "dispatch", check, lambda: _x_fields(x) + [
+    sizes = _agree_plain(group, "ep_comm.dispatch", check, lambda: _x_fields(x) + [
         ("topk", topk_idx.shape[1]), ("topk_weights", topk_weights is not None), ("num_experts", num_experts),
         ("buffer", _buffer_state(group, False))])
     buffer = get_buffer(group, num_nvl_bytes=sizes[0], num_rdma_bytes=sizes[1])
@@ -154,7 +142,7 @@ def _agree_plain(group, kind: str, check: Callable, fields: Callable):
         sig = fields()
     except (TypeError, ValueError) as e:
         error = e
-    _agreement_of(group).agree(kind, sig, error)
+    agreement.for_group(group).agree(kind, sig, error, agreement.timeout_s())
     if error is not None:
         raise error
     return result
@@ -184,7 +172,7 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispat
         return Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, x.shape[-1], num_ranks,
                                                      num_experts)
 
-    num_rdma_bytes = _agree_plain(group, "low_latency_dispatch", check, lambda: [
+    num_rdma_bytes = _agree_plain(group, "ep_comm.low_latency_dispatch", check, lambda: [
         ("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank), ("hidden", x.shape[-1]),
         ("num_experts", num_experts), ("buffer", _buffer_state(group, True))])
     buffer = get_buffer(group, low_latency=True, num_rdma_bytes=num_rdma_bytes)

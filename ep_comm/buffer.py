@@ -9,6 +9,7 @@ import contextlib
 import functools
 import itertools
 import os
+import threading
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -85,6 +86,27 @@ def _bounded_hook(hook: Optional[Callable[[], None]]) -> Optional[Callable[[], N
     return run
 
 
+def _bounded(fn: Callable[[], None], timeout_s: float, what: str) -> None:
+    """Run `fn` on a helper thread and wait at most `timeout_s` for it: a collective teardown whose
+    peer never comes must not hang the caller. The thread is abandoned (a daemon) if it overruns."""
+    errors: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            errors.append(e)
+
+    worker = threading.Thread(target=run, daemon=True, name="ep_comm-teardown")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise EpCommTimeout(f"{what} did not finish in {timeout_s:g} s (EP_COMM_TIMEOUT_S): a peer did not call "
+                            "destroy(), or died; abandoned")
+    if errors:
+        raise errors[0]
+
+
 def _capturing(t: Any) -> bool:
     """Whether a CUDA graph is being captured on the current stream (a call made for `t`)."""
     return isinstance(t, torch.Tensor) and t.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -120,8 +142,7 @@ class Buffer:
     def __init__(self, group: Optional[dist.ProcessGroup] = None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
-                 explicitly_destroy: bool = False, *, backend: Optional[str] = None,
-                 _agreement: Optional[agreement.Agreement] = None) -> None:
+                 explicitly_destroy: bool = False, *, backend: Optional[str] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ep_comm.Buffer needs torch.distributed to be initialised first")
         self._destroyed = True  # until set up: __del__ and destroy() have nothing to release
@@ -129,10 +150,10 @@ class Buffer:
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
         timeout_s = agreement.timeout_s()
-        # Every collective call of this Buffer, its creation first, is agreed by all ranks (agreement.py).
-        # The plain API passes its group's sequence, so its Buffers and its own calls share one.
-        self._agreement = _agreement or agreement.Agreement(self.group, agreement.next_prefix(self.group, "buffer"),
-                                                            timeout_s)
+        # Every collective call of this Buffer, its creation first, is agreed by all ranks (agreement.py),
+        # in the one call sequence of its group.
+        self._agreement = agreement.for_group(self.group)
+        self._timeout_s = timeout_s
         error = None
         try:
             for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
@@ -141,10 +162,16 @@ class Buffer:
         except (TypeError, ValueError, RuntimeError) as e:
             error = e
             self.backend_kind = None
+        # EP_COMM_AGREE=0 lets kernel Buffers skip the per-call agreement (their kernels check call
+        # signatures and time out on the device); the reference has no such checks and always agrees.
+        self._agree_calls = self.backend_kind == "reference" or os.environ.get("EP_COMM_AGREE", "1") != "0"
         # A peer with other sizes would lay its buffer out differently and write past ours.
         hosts = self._agreement.agree("Buffer()", [
             ("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes),
-            ("low_latency_mode", bool(low_latency_mode)), ("backend", self.backend_kind)], error, agreement.hostname())
+            ("low_latency_mode", bool(low_latency_mode)), ("backend", self.backend_kind),
+            ("agree_calls", self._agree_calls)], error, timeout_s, agreement.hostname())
+        # Its creation's call number names this Buffer alike on every rank: calls must name the same one.
+        self._agreed_id = self._agreement.seq - 1
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = low_latency_mode
@@ -246,16 +273,34 @@ class Buffer:
 
     def destroy(self) -> None:
         """Release communication buffers; call it on all ranks together (NVSHMEM frees are collective).
-        Idempotent; the Buffer refuses calls afterwards."""
+        Idempotent; the Buffer refuses calls afterwards.
+
+        A collective teardown (the low-latency kernels' NVSHMEM buffer) is agreed first and bounded: if
+        a peer does not come within EP_COMM_TIMEOUT_S, this raises EpCommTimeout after releasing what
+        is local, and leaves the collective part to the bounded exit hook (backends/base.py)."""
+        if getattr(self, "_destroyed", True):
+            return
+        if self._agree_calls and any(b.collective_destroy for b in self._backends()):
+            try:
+                self._agreement.agree("destroy", [("buffer", self._agreed_id)], None, self._timeout_s)
+            except EpCommTimeout:
+                self._release(include_collective=False)
+                raise
         self._release(include_collective=True)
+
+    def _backends(self) -> List[Backend]:
+        return list({id(b): b for b in (self._normal, self._low_latency, self._reference)}.values())
 
     def _release(self, include_collective: bool) -> None:
         if getattr(self, "_destroyed", True):
             return
         self._destroyed = True
-        for backend in {id(b): b for b in (self._normal, self._low_latency, self._reference)}.values():
-            if include_collective or not backend.collective_destroy:
+        for backend in self._backends():
+            if not backend.collective_destroy:
                 backend.destroy()
+            elif include_collective:
+                _bounded(backend.destroy, self._timeout_s, f"ep_comm rank {self.rank}: the collective teardown of the "
+                         f"{backend.name} buffer (NVSHMEM frees)")
 
     def __del__(self) -> None:
         # Garbage collection runs at different moments on different ranks, so it must not start a
@@ -288,8 +333,8 @@ class Buffer:
             sig = fields(result)
         except (TypeError, ValueError, RuntimeError) as e:
             error = e
-        if not capturing:
-            self._agreement.agree(kind, sig, error)
+        if self._agree_calls and not capturing:
+            self._agreement.agree(kind, [("buffer", self._agreed_id)] + sig, error, self._timeout_s)
         if error is not None:
             raise error
         return result

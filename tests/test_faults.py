@@ -271,7 +271,7 @@ def _mismatch_body(rank, events):
     # Through the plain API: the real cause, not a Buffer-size complaint.
     x = wide if rank == 1 else mine.x
     call("plain-hidden", lambda: ep_comm.dispatch(x, mine.topk_idx, num_experts=NUM_EXPERTS), _mismatch_error(),
-         f"rank 1 called dispatch with hidden={2 * HIDDEN}")
+         f"rank 1 called ep_comm.dispatch with hidden={2 * HIDDEN}, ranks 0,2 with hidden={HIDDEN}")
     x = mine.x.float() if rank == 1 else mine.x
     expect, match = (TypeError, "bfloat16") if rank == 1 else (_mismatch_error(), "rank(s) [1] rejected")
     call("plain-float32", lambda: ep_comm.dispatch(x, mine.topk_idx, num_experts=NUM_EXPERTS), expect, match)
@@ -283,7 +283,7 @@ def _mismatch_body(rank, events):
              "rank 1 called combine")
     else:
         call("skip", lambda: ep_comm.dispatch(mine.x, mine.topk_idx, num_experts=NUM_EXPERTS), _mismatch_error(),
-             "rank 1 called combine")
+             "rank 1 called combine, ranks 0,2 called ep_comm.dispatch")
     _good_round(rank, call, SEED + 4, None, label="after-skip")
 
 
@@ -347,3 +347,30 @@ def _destroy_body(rank, events):
 
 def test_plain_api_after_destroy():
     _run(_destroy_body)
+
+
+# ---- a teardown a peer never joins -------------------------------------------------------------------
+def _teardown_body(rank, events):
+    """Low-latency kernels on the emulated device: their NVSHMEM frees are collective. Rank 1 destroys
+    its Buffer only after the timeout: ranks 0 and 2 raise the timeout error within it (instead of
+    waiting in the collective free), rank 1's late destroy raises too; the collective part is left
+    to the bounded exit hook, which all ranks then run together at exit."""
+    call = _Call(events)
+    num_experts = 2 * WORLD
+    size = ep_comm.Buffer.get_low_latency_rdma_size_hint(8, HIDDEN, WORLD, num_experts)
+    buffer = ep_comm.Buffer(None, 0, size, low_latency_mode=True, backend="emulated")
+    mine = make_inputs(SEED, rank, 8, HIDDEN, 2, num_experts)
+    recv_x, _, handle, _, _ = call("dispatch", lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, 8,
+                                                                                  num_experts, use_fp8=False))
+    call("combine", lambda: buffer.low_latency_combine(recv_x, mine.topk_idx, mine.topk_weights, handle))
+    if rank == 1:
+        time.sleep(TIMEOUT_S + 1.5)
+        call("late-destroy", buffer.destroy, _timeout_error(), "gave up")
+    else:
+        call("destroy", buffer.destroy, _timeout_error(), "rank(s) [1]")
+
+
+@needs_emulator
+def test_teardown_a_peer_never_joins():
+    reports = _run(_teardown_body, env=_emulated_env())
+    _within_timeout(reports, "destroy", [0, 2])

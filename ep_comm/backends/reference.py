@@ -31,7 +31,10 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _from_bytes(b: torch.Tensor, dtype: torch.dtype, trailing: Sequence[int]) -> torch.Tensor:
-    return b.contiguous().view(dtype).reshape(b.shape[0], *trailing)
+    # A column slice of one row counts as contiguous with its packed row stride, which view(dtype)
+    # refuses when the stride is not a multiple of the element size: copy it into a fresh tensor.
+    b = b.contiguous() if b.shape[0] > 1 else b.clone(memory_format=torch.contiguous_format)
+    return b.view(dtype).reshape(b.shape[0], *trailing)
 
 
 def _pack_rows(parts: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:

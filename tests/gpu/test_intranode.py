@@ -155,6 +155,7 @@ def _timeout_body(rank, world, group, seed):
     x, idx = inputs.x.to(device), inputs.topk_idx.to(device)
 
     os.environ["EP_COMM_TIMEOUT_S"] = "3"
+    os.environ["EP_COMM_AGREE"] = "0"  # rank 0 dispatches alone: the kernels' timeout is under test
     buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, num_experts)
     layout = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
@@ -173,6 +174,7 @@ def _timeout_body(rank, world, group, seed):
     buffer.destroy()
 
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    os.environ.pop("EP_COMM_AGREE")
     buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl_bytes, backend=KERNELS)
     try:
         recv_x, _, _, _, handle, _ = buffer.dispatch(x, topk_idx=idx, config=config, **layout)
@@ -298,6 +300,7 @@ def _failure_case(rank, world, group, seed):
     """The small case the failure tests share: 24 tokens per rank, a short device timeout, a kernel
     Buffer. Returns (x, topk_idx, topk_weights, num_experts, config, buffer)."""
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
+    os.environ["EP_COMM_AGREE"] = "0"  # these cases test the kernels' own checks, not the host agreement
     device = setup_device(rank)
     config = CONFIGS[0]
     num_experts = 4 * world
@@ -400,6 +403,7 @@ def _abort_body(rank, world, group, seed, where):
     agree, the routing does not), so each waits in combine-recv for rows the other never sends.
     """
     os.environ["EP_COMM_TIMEOUT_S"] = _SHORT_TIMEOUT_S if rank == 0 else _LONG_TIMEOUT_S
+    os.environ["EP_COMM_AGREE"] = "0"  # the kernels' own abort path, not the host agreement, is under test
     device = setup_device(rank)
     config = CONFIGS[0]
     buffer = ep_comm.Buffer(group, num_nvl_bytes=config.get_nvl_buffer_size_hint(HIDDEN * 2, world), backend=KERNELS)

@@ -317,6 +317,7 @@ def _check_relayout(rank, world, buf, ref, seed):
     with pytest.raises(ValueError, match="clean_low_latency_buffer"):
         buf.low_latency_dispatch(case.x, case.topk_idx, TOKENS_2, num_experts, use_fp8=False)
     buf.clean_low_latency_buffer(TOKENS_2, HIDDEN_2, num_experts)
+    ref.clean_low_latency_buffer(TOKENS_2, HIDDEN_2, num_experts)  # the reference keeps one layout too
     rows = world * TOKENS_2
     y = _expert_outputs(seed + 400, rank, num_experts // world, rows, HIDDEN_2)
     want = _reference_round(ref, case, TOKENS_2, num_experts, y, use_fp8=False)
@@ -336,10 +337,13 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed, p2p):
     clean_low_latency_buffer brings the buffer back. Then, on the same short-timeout buffer, the
     cases that need a device timeout or a recorded error (each ends with a clean)."""
     os.environ["EP_COMM_TIMEOUT_S"] = "3"
+    # Ranks skip calls on purpose here: the kernels' device checks are under test, not the host agreement.
+    os.environ["EP_COMM_AGREE"] = "0"
     size = ep_comm.Buffer.get_low_latency_rdma_size_hint(TOKENS, HIDDEN, world, num_experts)
     short = ep_comm.Buffer(group, 0, size, low_latency_mode=True, backend=KERNELS,  # shares NVSHMEM
                            allow_nvlink_for_low_latency_mode=p2p)
     os.environ["EP_COMM_TIMEOUT_S"] = TIMEOUT_S
+    os.environ.pop("EP_COMM_AGREE")
     case = _Case(seed + 500, rank, world, TOKENS, HIDDEN, num_topk, num_experts)
     if rank != 0:
         short.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False)
@@ -494,6 +498,7 @@ def _body(rank: int, world: int, group, seed: int, p2p: bool) -> None:
         for use_hook in (False, True):
             _check_graphs(rank, world, buf, ref, num_experts, num_topk, seed, use_hook)
     _check_relayout(rank, world, buf, ref, seed)
+    ref.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
     if world >= 2:
         _check_timeout(rank, world, group, ref, num_experts, num_topk, seed, p2p)
     # Collective, in the same order everywhere (only on success: a failing rank must not block
