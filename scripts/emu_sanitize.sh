@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The intranode and low-latency kernels on the emulated device, ranks as threads of one process,
+# The intranode, low-latency and internode kernels on the emulated device, ranks as threads of one process,
 # under AddressSanitizer+UBSan and ThreadSanitizer (and plain, with varied fiber schedules).
 #
 #   scripts/emu_sanitize.sh [plain] [address] [thread]     (default: all three)
 #
-# Builds tests/emulator/{intranode,low_latency}_driver per variant in build/emu-check/<variant>/
+# Builds tests/emulator/{intranode,low_latency,internode}_driver per variant in build/emu-check/<variant>/
 # (ninja: only what changed is recompiled; see scripts/emu_build.py), runs small cases, and exits
 # nonzero on any mismatch, sanitizer report, emulated-device fault or timeout. Logs:
 # build/emu-check/logs/. Rank processes (tests/gpu/ on the emulator) cannot show cross-rank races to
@@ -55,11 +55,15 @@ build() {
   fi
 }
 
+# EMU_SANITIZE_DRIVERS="internode" (space separated) runs only those drivers' cases.
+DRIVERS="${EMU_SANITIZE_DRIVERS:-intranode low_latency internode}"
+
 # run VARIANT LIMIT_S NAME [ENV=VALUE ...] -- DRIVER_ARGS...   (the driver: $DRIVER)
 DRIVER=intranode
 run() {
   local variant=$1 limit=$2 name=$3
   shift 3
+  case " $DRIVERS " in *" $DRIVER "*) ;; *) return 0 ;; esac
   local envs=()
   while [ $# -gt 0 ] && [ "$1" != "--" ]; do envs+=("$1"); shift; done
   shift
@@ -144,6 +148,30 @@ for v in "${VARIANTS[@]}"; do
       run thread 300 ll-r2-put -- --ranks 2 --p2p 0 --seed 32 --sms 4 --tokens 8 --cases bf16,double,inflight --timeout-s 60
       run thread 300 ll-r3-p2p -- --ranks 3 --p2p 1 --seed 33 --sms 4 --tokens 6 --cases fp8,zerocopy,full --timeout-s 60
       run thread 300 ll-r3-put-random EP_COMM_EMU_SCHEDULE=random:6 -- --ranks 3 --p2p 0 --seed 34 --sms 4 --tokens 6 --cases inflight,full --timeout-s 60
+      ;;
+  esac
+  # Internode: ranks on emulated nodes (--per-node L: nvshmem_ptr maps same-node peers only, so the
+  # NVLink leg stores and the RDMA leg puts); every run has the cases bf16, fp8, cached, worst on
+  # one buffer, rings of 8 RDMA / 2 NVL slots (they wrap) unless said.
+  DRIVER=internode
+  case $v in
+    plain)
+      run plain 60 in-r4-2x2 -- --ranks 4 --per-node 2 --seed 1
+      run plain 60 in-r8-2x4 -- --ranks 8 --per-node 4 --seed 2 --tokens 16
+      run plain 60 in-r8-4x2 -- --ranks 8 --per-node 2 --seed 3 --tokens 16
+      run plain 60 in-r4-4x1-wide EP_COMM_EMU_SCHEDULE=random:5 -- --ranks 4 --per-node 1 --seed 4 --hidden 128 --topk 8 --experts 32
+      # fibers in random order and puts that linger up to 1 ms; smallest rings and chunks, 3 channels
+      run plain 60 in-r4-random-slow-net EP_COMM_EMU_SCHEDULE=random:7 EP_COMM_EMU_NVSHMEM_DELAY_US=1000 -- --ranks 4 --per-node 2 --seed 5
+      run plain 60 in-r6-3x2-tiny-rings EP_COMM_EMU_SCHEDULE=reverse -- --ranks 6 --per-node 2 --seed 6 --ring-tokens 2 --rdma-chunk 1 --nvl-chunk 1 --channels 3 --sync-each
+      ;;
+    address)
+      run address 120 in-r4-2x2-random EP_COMM_EMU_SCHEDULE=random:3 -- --ranks 4 --per-node 2 --seed 21
+      run address 120 in-r6-2x3-slow-net EP_COMM_EMU_NVSHMEM_DELAY_US=1000 -- --ranks 6 --per-node 3 --seed 22 --tokens 12 --ring-tokens 3
+      ;;
+    thread)
+      # one channel, few tokens: ~1-2 GB and 10-20 s each with g++-12's libtsan
+      run thread 300 in-r2-2x1 -- --ranks 2 --per-node 1 --seed 31 --channels 1 --tokens 8 --timeout-s 60
+      run thread 300 in-r4-2x2-random EP_COMM_EMU_SCHEDULE=random:6 -- --ranks 4 --per-node 2 --seed 32 --channels 1 --tokens 6 --timeout-s 60
       ;;
   esac
 done
