@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Mutation check of the emulated-device checks: seeded bugs in the kernels must be caught.
 
-    python scripts/emu_mutants.py [--only NAME[,NAME...]] [--family intranode|low_latency] [--all-runs] [--list]
-                                  [--keep]
+    python scripts/emu_mutants.py [--only NAME[,NAME...]] [--family intranode|low_latency|internode] [--all-runs]
+                                  [--list] [--keep]
 
 Each mutant is a set of textual replacements in one file of csrc/kernels (intranode.cu,
-common/intranode_device.cuh, low_latency.cu, common/low_latency_layout.cuh; each pattern must occur
-exactly once in the current file, else the script fails loudly: the kernels changed and the mutant
+common/intranode_device.cuh, low_latency.cu, common/low_latency_layout.cuh, internode.cu; each pattern
+must occur exactly once in the current file, else the script fails loudly: the kernels changed and the mutant
 needs updating). The mutant is applied to a temporary copy of csrc/, its family's driver
-(tests/emulator/intranode_driver.cpp or low_latency_driver.cpp) is rebuilt from that copy for the
+(tests/emulator/{intranode,low_latency,internode}_driver.cpp) is rebuilt from that copy for the
 variant(s) the mutant names, recompiling only the objects that depend on the mutated file (the
 others come from build/emu-check/<variant>, scripts/emu_build.py), and the driver runs the
 mutant's cases. A mutant is caught by a nonzero exit with a sanitizer report, an
@@ -41,6 +41,7 @@ CSRC = os.path.join(ROOT, "csrc")
 INTRANODE = "kernels/intranode.cu"
 DEVICE = "kernels/common/intranode_device.cuh"
 LOW_LATENCY = "kernels/low_latency.cu"
+INTERNODE = "kernels/internode.cu"
 LL_LAYOUT = "kernels/common/low_latency_layout.cuh"
 
 # Driver cases. TSan runs stay tiny (g++ libtsan: ~8 s and ~3 GB for one call); the bf16 case covers
@@ -74,6 +75,14 @@ LL_TSAN = ["--ranks", "2", "--sms", "4", "--tokens", "8", "--cases", "bf16,doubl
 LL_TSAN_PUT = LL_TSAN + ["--p2p", "0"]
 # Puts that linger (up to 2 ms each) before the emulated network delivers them.
 SLOW_NETWORK = {"EP_COMM_EMU_NVSHMEM_DELAY_US": "2000"}
+
+# Internode driver cases (tests/emulator/internode_driver.cpp): 2 nodes x 2 ranks, every case (bf16,
+# fp8, cached, worst), RDMA rings of 8 slots and NVL rings of 2 (they wrap). IN_SLOW: one token per
+# put and puts that linger, so several puts to one tail are in flight at once. TSan: 2 nodes x 1
+# rank, one channel, the bf16 case (~5 s, ~0.9 GB).
+IN_PLAIN = ["--ranks", "4", "--per-node", "2", "--timeout-s", "15"]  # a loaded 2-core machine: 5 s was too tight
+IN_SLOW = IN_PLAIN + ["--rdma-chunk", "1", "--tokens", "32"]
+IN_TSAN = ["--ranks", "2", "--per-node", "1", "--channels", "1", "--tokens", "8", "--cases", "bf16", "--timeout-s", "30"]
 
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0",
@@ -289,6 +298,56 @@ MUTANTS: List[Mutant] = [
           "out[(local_expert * rows_per_expert + row) * num_scales + j] = __ldcg(scales + j);")],
         [("plain", LL_PLAIN)],
         "FP8 float32 scales written row-major instead of the documented column-major layout", "low_latency"),
+
+    # ---- internode (csrc/kernels/internode.cu; the lead edits it too: patterns kept short) ----
+    Mutant(
+        "in_put_without_fence", INTERNODE,
+        [("    if (lane == 0) nvshmem_fence();\n", "")],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("thread", IN_TSAN, SLOW_NETWORK)],
+        "put_ring_range drops the fence before each put: a later put's tail ADD may land before an earlier "
+        "put's slots", "internode"),
+    Mutant(
+        "in_forward_past_tail", INTERNODE,
+        [("      while (consumed < tail && consumed - batch_begin < a.nvl_chunk) {\n",
+          "      while (consumed < max(tail, total) && consumed - batch_begin < a.nvl_chunk) {\n")],
+        [("thread", IN_TSAN), ("plain", IN_SLOW, SLOW_NETWORK)],
+        "the dispatch forwarder copies slots up to the announced total without waiting for the tail", "internode"),
+    Mutant(
+        "in_tail_not_acquired", INTERNODE,
+        [("      const int tail = warp_counter(cm.buffer + lay.rdma_tail(m, c), lane);\n",
+          "      const int tail = __shfl_sync(kFullMask, int(ptx::ld_relaxed_sys(reinterpret_cast<const unsigned "
+          "long long*>(cm.buffer + lay.rdma_tail(m, c)))), 0);\n")],
+        [("thread", IN_TSAN)],
+        "the dispatch forwarder reads the RDMA tail relaxed: the slots it then copies are not acquired", "internode"),
+    Mutant(
+        "in_rdma_credit_plus_one", INTERNODE,
+        [("make_tag(epoch, uint32_t(consumed)), NVSHMEM_SIGNAL_SET, source);",
+          "make_tag(epoch, uint32_t(consumed + 1)), NVSHMEM_SIGNAL_SET, source);")],
+        [("plain", IN_PLAIN), ("thread", IN_TSAN)],
+        "the dispatch forwarder hands back one RDMA slot more than it consumed: the sender overwrites a slot "
+        "still unread", "internode"),
+    Mutant(
+        "in_nvl_credit_plus_one", INTERNODE,
+        [("s / L, c),\n                         make_tag(epoch, uint32_t(consumed)));",
+          "s / L, c),\n                         make_tag(epoch, uint32_t(consumed + 1)));")],
+        [("plain", IN_PLAIN), ("thread", IN_TSAN)],
+        "the dispatch receiver releases one NVL slot more than it read", "internode"),
+    Mutant(
+        "in_put_wrong_node", INTERNODE,
+        [("lay.rdma_recv(my_node, c), slot_bytes, capacity", "lay.rdma_recv(n, c), slot_bytes, capacity")],
+        [("plain", IN_PLAIN)],
+        "dispatch puts into the forwarder's ring of the destination node instead of the source node's", "internode"),
+    Mutant(
+        "in_rdma_tail_not_reset", INTERNODE,
+        [("      if (finished && lane == 0) st_relaxed_u64(cm.buffer + lay.rdma_tail(m, c), 0);", "")],
+        [("plain", IN_PLAIN)],
+        "the dispatch forwarder leaves its RDMA tail counting: the next call's forwarder or receiver trusts stale "
+        "slots", "internode"),
+    Mutant(
+        "in_combine_drop_bias1", INTERNODE,
+        [("        if (bias1 != nullptr) {\n", "        if (bias1 != nullptr && false) {\n")],
+        [("plain", IN_PLAIN)],
+        "internode combine ignores the second bias", "internode"),
 ]
 
 
