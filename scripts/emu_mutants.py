@@ -83,6 +83,9 @@ SLOW_NETWORK = {"EP_COMM_EMU_NVSHMEM_DELAY_US": "2000"}
 IN_PLAIN = ["--ranks", "4", "--per-node", "2", "--timeout-s", "15"]  # a loaded 2-core machine: 5 s was too tight
 IN_SLOW = IN_PLAIN + ["--rdma-chunk", "1", "--tokens", "32"]
 IN_TSAN = ["--ranks", "2", "--per-node", "1", "--channels", "1", "--tokens", "8", "--cases", "bf16", "--timeout-s", "30"]
+# Rings of 2 dispatch slots (combine's RDMA ring: 1 slot, every partial a lap): a credit one too
+# many is used at once.
+IN_TINY_RINGS = ["--ring-tokens", "2", "--rdma-chunk", "1", "--nvl-chunk", "1"]
 
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0",
@@ -310,7 +313,7 @@ MUTANTS: List[Mutant] = [
         "in_forward_past_tail", INTERNODE,
         [("      while (consumed < tail && consumed - batch_begin < a.nvl_chunk) {\n",
           "      while (consumed < max(tail, total) && consumed - batch_begin < a.nvl_chunk) {\n")],
-        [("thread", IN_TSAN), ("plain", IN_SLOW, SLOW_NETWORK)],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("thread", IN_TSAN)],
         "the dispatch forwarder copies slots up to the announced total without waiting for the tail", "internode"),
     Mutant(
         "in_tail_not_acquired", INTERNODE,
@@ -332,6 +335,13 @@ MUTANTS: List[Mutant] = [
           "s / L, c),\n                         make_tag(epoch, uint32_t(consumed + 1)));")],
         [("plain", IN_PLAIN), ("thread", IN_TSAN)],
         "the dispatch receiver releases one NVL slot more than it read", "internode"),
+    Mutant(
+        "in_combine_credit_plus_one", INTERNODE,
+        [("make_tag(epoch, uint32_t(sh.recv_base[n])), NVSHMEM_SIGNAL_SET",
+          "make_tag(epoch, uint32_t(sh.recv_base[n] + 1)), NVSHMEM_SIGNAL_SET")],
+        [("plain", IN_PLAIN + IN_TINY_RINGS), ("thread", IN_TSAN + IN_TINY_RINGS)],
+        "the combine receiver hands back one RDMA slot more than it read: the forwarder overwrites a partial "
+        "still unread", "internode"),
     Mutant(
         "in_put_wrong_node", INTERNODE,
         [("lay.rdma_recv(my_node, c), slot_bytes, capacity", "lay.rdma_recv(n, c), slot_bytes, capacity")],

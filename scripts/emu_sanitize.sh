@@ -170,7 +170,8 @@ for v in "${VARIANTS[@]}"; do
       ;;
     thread)
       # one channel, few tokens: ~1-2 GB and 10-20 s each with g++-12's libtsan
-      run thread 300 in-r2-2x1 -- --ranks 2 --per-node 1 --seed 31 --channels 1 --tokens 8 --timeout-s 60
+      # rings of 2 dispatch slots (combine's RDMA ring: 1): every credit is waited for
+      run thread 300 in-r2-2x1-tiny-rings -- --ranks 2 --per-node 1 --seed 31 --channels 1 --tokens 8 --ring-tokens 2 --rdma-chunk 1 --nvl-chunk 1 --timeout-s 60
       run thread 300 in-r4-2x2-random EP_COMM_EMU_SCHEDULE=random:6 -- --ranks 4 --per-node 2 --seed 32 --channels 1 --tokens 6 --timeout-s 60
       ;;
   esac

@@ -615,9 +615,32 @@ class RankRun {
       a.nvl_chunk = o_.nvl_chunk;
       rt_.combine(basis, C, o_.ring_tokens, a, nullptr);
     }
-    synchronize();
-
     // ---- compare ----
+    // After a kernel error too (this rank's device is idle then), the dispatch outputs are compared
+    // before the error is raised: a bug in dispatch shows as its wrong rows, not only as the
+    // combine that tripped over them.
+    try {
+      synchronize();
+    } catch (const std::exception&) {
+      compare_dispatch(check, c, e, num_rows, d_matrix, d_recv_info, d_recv_x, d_recv_scales, d_recv_idx, d_recv_w,
+                       d_src_token, d_recv_x2, d_recv_scales2);
+      throw;
+    }
+    compare_dispatch(check, c, e, num_rows, d_matrix, d_recv_info, d_recv_x, d_recv_scales, d_recv_idx, d_recv_w,
+                     d_src_token, d_recv_x2, d_recv_scales2);
+    check.equal("combined_x", download<uint16_t>(d_out, size_t(n) * H), e.out, H);
+    if (c.combine_weights) check.equal("combined_topk_weights", download<float>(d_out_w, size_t(n) * K), e.out_w, K);
+    log_line(o_.verbose, check.context + ": " + (check.ok ? "ok" : "MISMATCH") + " (" + std::to_string(num_rows) +
+                             " rows here)");
+  }
+
+ private:
+  void compare_dispatch(Checker& check, const CaseSpec& c, const RankCase& e, int num_rows, const int* d_matrix,
+                        const int* d_recv_info, const uint8_t* d_recv_x, const float* d_recv_scales,
+                        const int64_t* d_recv_idx, const float* d_recv_w, const int* d_src_token,
+                        const uint8_t* d_recv_x2, const float* d_recv_scales2) {
+    const int R = w_.R(), K = w_.K(), H = w_.H(), Lx = w_.Lx(), S = w_.S(), rb = w_.row_bytes(c.fp8);
+    const size_t rows = size_t(num_rows);
     check.equal("rank_matrix", download<int32_t>(d_matrix, size_t(R) * (R + 1)), w_.rank_matrix[c.index], R + 1);
     check.equal("recv_info", download<int32_t>(d_recv_info, 1 + Lx), e.recv_info, 0);
     check.equal("recv_x", download<uint8_t>(d_recv_x, rows * rb), e.recv_x, rb);
@@ -629,13 +652,8 @@ class RankRun {
       check.equal("cached recv_x", download<uint8_t>(d_recv_x2, rows * H), e.recv_x2, H);
       check.equal("cached recv_x_scales", download<float>(d_recv_scales2, rows * S), e.recv_scales2, S);
     }
-    check.equal("combined_x", download<uint16_t>(d_out, size_t(n) * H), e.out, H);
-    if (c.combine_weights) check.equal("combined_topk_weights", download<float>(d_out_w, size_t(n) * K), e.out_w, K);
-    log_line(o_.verbose, check.context + ": " + (check.ok ? "ok" : "MISMATCH") + " (" + std::to_string(num_rows) +
-                             " rows here)");
   }
 
- private:
   // Waits for this rank's device; a fault (sticky) or a kernel-reported error throws.
   void synchronize() {
     EP_CUDA_CHECK(cudaDeviceSynchronize());
