@@ -306,7 +306,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "in_put_without_fence", INTERNODE,
         [("    if (lane == 0) nvshmem_fence();\n", "")],
-        [("plain", IN_SLOW, SLOW_NETWORK), ("thread", IN_TSAN, SLOW_NETWORK)],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("plain", IN_SLOW + ["--seed", "2"], SLOW_NETWORK)],
         "put_ring_range drops the fence before each put: a later put's tail ADD may land before an earlier "
         "put's slots", "internode"),
     Mutant(
