@@ -18,9 +18,11 @@ hundred bytes in the store, per Buffer and per timeout).
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import os
+import pickle
 import socket
 import threading
 import time
@@ -230,6 +232,28 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return str(value)
+
+
+def all_gather_object(obj: Any, ctx, what: str) -> List[Any]:
+    """Every rank's `obj` (rank order), like dist.all_gather_object, but bounded by ctx.timeout_s and
+    agreed like a call (a rank elsewhere is named, not waited for): the setup exchanges of kernel
+    backends (IPC handles, NVSHMEM ids, outcomes) and their barriers. `ctx` is a BackendContext; one
+    made without a Buffer's agreement falls back to the group collective."""
+    agreement = getattr(ctx, "agreement", None)
+    if agreement is None:
+        everyone: List[Any] = [None] * dist.get_world_size(ctx.group)
+        dist.all_gather_object(everyone, obj, group=ctx.group)
+        return everyone
+    infos = agreement.agree(what, [], None, ctx.timeout_s, base64.b64encode(pickle.dumps(obj)).decode())
+    return [pickle.loads(base64.b64decode(info)) for info in infos]
+
+
+def barrier(ctx, what: str) -> None:
+    """A barrier over ctx.group, bounded and agreed like all_gather_object."""
+    if getattr(ctx, "agreement", None) is None:
+        dist.barrier(group=ctx.group)
+    else:
+        ctx.agreement.agree(what, [], None, ctx.timeout_s)
 
 
 def hostname() -> str:

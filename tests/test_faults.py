@@ -238,12 +238,32 @@ def _never_calls_body(rank, events, backend):
     else:
         call("waited", lambda: buffer.dispatch(mine.x, **kwargs), _timeout_error(), "rank(s) [1]")
     _good_round(rank, call, SEED + 1, buffer, label="after", config=config)
+    # The other way back: destroy on every rank and make a new Buffer.
+    buffer.destroy()
+    buffer, config = _buffer(backend)
+    _good_round(rank, call, SEED + 2, buffer, label="recreated", config=config)
+    if backend != "reference":
+        return
+    # The same through the plain API, then its Buffer destroyed and made again by the next call.
+    _good_round(rank, call, SEED + 3, None, label="plain-before")
+    if rank == 1:
+        time.sleep(TIMEOUT_S + 1.5)
+        call("plain-late", lambda: ep_comm.dispatch(mine.x, mine.topk_idx, num_experts=NUM_EXPERTS),
+             _timeout_error(), "gave up")
+    else:
+        call("plain-waited", lambda: ep_comm.dispatch(mine.x, mine.topk_idx, num_experts=NUM_EXPERTS),
+             _timeout_error(), "rank(s) [1]")
+    _good_round(rank, call, SEED + 4, None, label="plain-after")
+    ep_comm.get_buffer().destroy()
+    _good_round(rank, call, SEED + 5, None, label="plain-recreated")
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("emulated", marks=needs_emulator)])
 def test_rank_that_never_calls(backend):
     reports = _run(_never_calls_body, env=_emulated_env(), backend=backend)
     _within_timeout(reports, "waited", [0, 2])
+    if backend == "reference":
+        _within_timeout(reports, "plain-waited", [0, 2])
     for r in (0, 2):
         message = [e[3] for e in reports[r]["events"] if e[0] == "waited"][0]
         assert f"rank {r}" in message and "dispatch" in message, message
@@ -349,16 +369,33 @@ def test_plain_api_after_destroy():
     _run(_destroy_body)
 
 
-# ---- a teardown a peer never joins -------------------------------------------------------------------
-def _teardown_body(rank, events):
-    """Low-latency kernels on the emulated device: their NVSHMEM frees are collective. Rank 1 destroys
-    its Buffer only after the timeout: ranks 0 and 2 raise the timeout error within it (instead of
-    waiting in the collective free), rank 1's late destroy raises too; the collective part is left
-    to the bounded exit hook, which all ranks then run together at exit."""
+# ---- a setup exchange and a teardown a peer never joins ----------------------------------------------
+def _setup_and_teardown_body(rank, events):
+    """Kernels on the emulated device. Setup: rank 1 fails making its intranode buffer before the IPC
+    handle exchange and makes its next call only after the timeout; ranks 0 and 2 raise the timeout
+    error within the timeout, naming it; rank 1's next call learns that its peers gave up on the
+    exchange, and the call after that is matched.
+    Teardown: low-latency NVSHMEM frees are collective; rank 1 destroys only after the timeout:
+    ranks 0 and 2 raise the timeout error within it (instead of waiting in the collective free),
+    rank 1's late destroy raises too; the collective part is left to the bounded exit hook, which
+    all ranks then run together at exit."""
+    from ep_comm.backends import intranode
+
     call = _Call(events)
+    if rank == 1:
+        def fail(self):
+            raise RuntimeError("injected: this rank's intranode buffer could not be made")
+        intranode.IntranodeBackend._open_buffer = fail
+        call("setup", _emulated_buffer, RuntimeError, "injected")
+        time.sleep(TIMEOUT_S + 1.5)  # its next call comes after the peers gave up
+    else:
+        call("setup", _emulated_buffer, _timeout_error(), "rank(s) [1]")
     num_experts = 2 * WORLD
     size = ep_comm.Buffer.get_low_latency_rdma_size_hint(8, HIDDEN, WORLD, num_experts)
-    buffer = ep_comm.Buffer(None, 0, size, low_latency_mode=True, backend="emulated")
+    make = lambda: ep_comm.Buffer(None, 0, size, low_latency_mode=True, backend="emulated")  # noqa: E731
+    if rank == 1:
+        call("late-setup", make, _timeout_error(), "gave up")
+    buffer = call("made", make)
     mine = make_inputs(SEED, rank, 8, HIDDEN, 2, num_experts)
     recv_x, _, handle, _, _ = call("dispatch", lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, 8,
                                                                                   num_experts, use_fp8=False))
@@ -371,6 +408,7 @@ def _teardown_body(rank, events):
 
 
 @needs_emulator
-def test_teardown_a_peer_never_joins():
-    reports = _run(_teardown_body, env=_emulated_env())
+def test_setup_and_teardown_a_peer_never_joins():
+    reports = _run(_setup_and_teardown_body, env=_emulated_env())
+    _within_timeout(reports, "setup", [0, 2])
     _within_timeout(reports, "destroy", [0, 2])

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 
+from ep_comm import agreement
 from ep_comm.backends.base import Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput
 from ep_comm.backends.target import KernelTarget, cuda_target
 from ep_comm.config import Config
@@ -115,16 +115,19 @@ class IntranodeBackend(Backend):
     def _open_buffer(self):
         ctx = self.ctx
         buffer = self._C.IntranodeBuffer(ctx.rank, ctx.num_ranks, self._target.device_index, ctx.num_nvl_bytes)
-        handles: List[Optional[bytes]] = [None] * ctx.num_ranks
-        dist.all_gather_object(handles, buffer.ipc_handle(), group=ctx.group)
-        error = None
         try:
-            buffer.open_peers(handles)
-        except RuntimeError as e:
-            error = str(e)
-        # Every rank learns whether every rank could map every peer, so all fail together.
-        errors: List[Optional[str]] = [None] * ctx.num_ranks
-        dist.all_gather_object(errors, error, group=ctx.group)
+            # Bounded: a peer that failed before this exchange is named instead of waited for.
+            handles = agreement.all_gather_object(buffer.ipc_handle(), ctx, "intranode setup: IPC handles")
+            error = None
+            try:
+                buffer.open_peers(handles)
+            except RuntimeError as e:
+                error = str(e)
+            # Every rank learns whether every rank could map every peer, so all fail together.
+            errors: List[Optional[str]] = agreement.all_gather_object(error, ctx, "intranode setup: peers mapped")
+        except BaseException:
+            buffer.destroy()
+            raise
         failed = [(r, e) for r, e in enumerate(errors) if e is not None]
         if failed:
             buffer.destroy()

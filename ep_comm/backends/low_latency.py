@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
+from ep_comm import agreement
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, LowLatencyCombineArgs, LowLatencyDispatchArgs,
                                    LowLatencyDispatchOutput, LowLatencyHandle, destroy_at_exit)
@@ -94,7 +94,7 @@ class LowLatencyBackend(Backend):
             raise
         # Peers write into this rank's buffer as soon as they run their first op: only after every
         # rank zeroed its buffer (the runtime's constructor synchronises) may anyone start.
-        dist.barrier(group=ctx.group)
+        agreement.barrier(ctx, "low-latency setup: buffers zeroed")
         destroy_at_exit(self, ctx.timeout_s)
 
     # ---- NVSHMEM lifetime ------------------------------------------------------------------------
@@ -338,9 +338,9 @@ class LowLatencyBackend(Backend):
             # Receive kernels do not quiet their acks; deliver them before the barrier, so no
             # peer's ack can land after our reset below.
             self._runtime.quiet()
-            dist.barrier(group=self.ctx.group)   # nobody is still sending into us
+            agreement.barrier(self.ctx, "clean_low_latency_buffer: sends drained")   # nobody still sends into us
             self._runtime.clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-            dist.barrier(group=self.ctx.group)   # nobody starts before everyone is clean
+            agreement.barrier(self.ctx, "clean_low_latency_buffer: cleaned")   # nobody starts before all are clean
         self._sizes = (num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._combine_views.clear()
         self._pending_receives.clear()   # whatever was in flight is abandoned

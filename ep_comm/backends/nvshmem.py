@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
+from ep_comm import agreement
 from ep_comm.backends.base import BackendContext
 
 DEFAULT_SYMMETRIC_HEAP = 1 << 30    # NVSHMEM's own default (1 GiB)
@@ -219,9 +220,7 @@ def outcome_error(outcomes: Sequence[Tuple[Optional[str], bool]]) -> Optional[st
 
 
 def _all_gather(obj: Any, ctx: BackendContext) -> List[Any]:
-    everyone: List[Any] = [None] * dist.get_world_size(ctx.group)
-    dist.all_gather_object(everyone, obj, group=ctx.group)
-    return everyone
+    return agreement.all_gather_object(obj, ctx, "NVSHMEM setup")
 
 
 def acquire(ctx: BackendContext, C, device_index: int) -> None:

@@ -164,6 +164,7 @@ def _timeout_body(rank, world, group, seed):
             buffer.dispatch(x, topk_idx=idx, config=config, **layout)
         message = str(info.value)
         assert "rank 0" in message and "barrier" in message and "peer" in message, message
+        assert isinstance(info.value, ep_comm.EpCommTimeout), type(info.value)  # one type for every timeout
         with pytest.raises(RuntimeError):  # the error is sticky: the buffer is out of step with its peers
             buffer.dispatch(x, topk_idx=idx, config=config, **layout)
     # The raises above come from the host while this rank's notify kernels (the second one launched

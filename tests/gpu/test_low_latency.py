@@ -348,7 +348,7 @@ def _check_timeout(rank, world, group, ref, num_experts, num_topk, seed, p2p):
     if rank != 0:
         short.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False)
         synchronize()
-        with pytest.raises(RuntimeError, match=f"rank {rank} timed out in phase low-latency-dispatch-recv"):
+        with pytest.raises(ep_comm.EpCommTimeout, match=f"rank {rank} timed out in phase low-latency-dispatch-recv"):
             short.low_latency_dispatch(case.x, case.topk_idx, TOKENS, num_experts, use_fp8=False)
     dist.barrier(group)
     short.clean_low_latency_buffer(TOKENS, HIDDEN, num_experts)
