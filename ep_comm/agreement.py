@@ -1,10 +1,12 @@
 """Agreed calls: before a collective call runs, every rank learns that every rank makes the same call.
 
-Each collective call of a Buffer (and each plain-API call on a group) posts one short message: the
-call's number in this Buffer's sequence, its kind, the fields that must match across ranks (hidden,
-dtypes, top-k, number of experts, options, the dispatch a handle came from) and whether this rank's
-inputs passed validation. Only when all messages match does anyone communicate; otherwise every
-rank raises, naming the ranks and what differs. Nothing is sent, so the Buffer serves the next call.
+Each collective call of a Buffer (and each plain-API call) posts one short message: the call's
+number in its group's sequence (one per group: all its Buffers and the plain API), its kind, the
+fields that must match across ranks (the Buffer, hidden, dtypes, top-k, number of experts, options,
+the dispatch a handle came from) and whether this rank's inputs passed validation. Only when all
+messages match does anyone communicate; otherwise every rank raises, naming the ranks and what
+differs. Nothing is sent, so the Buffer serves the next call. Kernel backends' setup exchanges and
+barriers use the same step (all_gather_object, barrier below), so they are bounded too.
 
 The messages go through the process group's key-value store (the one torch.distributed was
 initialised with), not through a collective: a store wait can time out and be retried without
@@ -13,8 +15,8 @@ late rank's next collective). Keys are numbered by call, so a late rank finds it
 compare-and-set on the call's commit key settles the race between "everyone arrived" and "a rank
 gave up": the first writer wins, and a late rank learns that its call was abandoned.
 Cost: five store round trips per call (BENCHMARKS.md, CPU section); no device work. The keys of
-a call are deleted at the next call; a Buffer's last call and abandoned calls leave theirs (a few
-hundred bytes in the store, per Buffer and per timeout).
+a call are deleted at the next call; the group's last call and abandoned calls leave theirs (a few
+hundred bytes in the store per group, and per timeout).
 """
 from __future__ import annotations
 
