@@ -233,8 +233,8 @@ def _leak_body(rank, world, group, cycles):
     gc.collect()
     after, keys_after = _resources(), store.num_keys()
     took = time.monotonic() - start
-    print(f"rank {rank}: {cycles} Buffers made and destroyed in {took:.1f} s; before {before}, after {after}; "
-          f"store keys {keys_before} -> {keys_after}", flush=True)
+    print(f"rank {rank}: {cycles} cycles ({2 * cycles} Buffers made and destroyed) in {took:.1f} s; before {before}, "
+          f"after {after}; store keys {keys_before} -> {keys_after}", flush=True)
     assert after["fds"] <= before["fds"] + 2, (before, after)
     assert after["threads"] <= before["threads"] + 1, (before, after)
     assert after["python_threads"] <= before["python_threads"], (before, after)
