@@ -385,10 +385,11 @@ def build_ninja_text(cfg: CudaConfig, build_dir: str, target: str) -> str:
 EMULATOR_DIR = os.path.join("csrc", "emulator") + os.sep
 # The kernel families the emulator runs, and the runtime and bindings they need.
 EMULATOR_SOURCES = [
-    "csrc/kernels/layout.cu", "csrc/kernels/intranode.cu", "csrc/kernels/low_latency.cu",
+    "csrc/kernels/layout.cu", "csrc/kernels/intranode.cu", "csrc/kernels/low_latency.cu", "csrc/kernels/internode.cu",
     "csrc/runtime/device.cpp", "csrc/runtime/ipc_buffer.cpp", "csrc/runtime/nvshmem_runtime.cpp",
+    "csrc/runtime/internode_runtime.cpp",
     "csrc/bindings/module.cpp", "csrc/bindings/runtime.cpp", "csrc/bindings/intranode.cpp",
-    "csrc/bindings/low_latency.cpp",
+    "csrc/bindings/low_latency.cpp", "csrc/bindings/internode.cpp",
     "csrc/emulator/bindings.cpp", "csrc/emulator/runtime.cpp", "csrc/emulator/scheduler.cpp",
     "csrc/emulator/nvshmem.cpp",
 ]
@@ -413,7 +414,9 @@ def emulator_flags(sanitizer: str) -> tuple[list[str], list[str], list[str]]:
     debug = env_flag("EP_COMM_DEBUG")
     # as nvcc, no warnings for `threadIdx.x < an int` and `#pragma unroll`
     flags = (["-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wno-sign-compare", "-Wno-unknown-pragmas",
-              "-DEP_COMM_EMULATOR",
+              # Kernels reinterpret vector registers (int4 as 8 bf16), as CUDA code customarily does
+              # and nvcc honours; g++'s type-based aliasing would drop those stores.
+              "-fno-strict-aliasing", "-DEP_COMM_EMULATOR",
               "-DEP_COMM_MODULE_NAME=_C_emu", f'-DEP_COMM_VERSION="{VERSION}"',
               '-DEP_COMM_CUDA_ARCHS="emulated"']
              + (["-O0", "-g"] if debug else ["-O2", "-g1"])

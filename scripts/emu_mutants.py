@@ -86,6 +86,11 @@ IN_TSAN = ["--ranks", "2", "--per-node", "1", "--channels", "1", "--tokens", "8"
 # Rings of 2 dispatch slots (combine's RDMA ring: 1 slot, every partial a lap): a credit one too
 # many is used at once.
 IN_TINY_RINGS = ["--ring-tokens", "2", "--rdma-chunk", "1", "--nvl-chunk", "1"]
+# Many credit signals in flight to one forwarder (8 ranks as 2 x 4, top-2, 4-slot rings): the emulated
+# network delivers them in any order, as an unordered RDMA transport may.
+IN_CREDIT_ORDER = ["--ranks", "8", "--per-node", "4", "--tokens", "37", "--topk", "2", "--experts", "32",
+                   "--channels", "2", "--ring-tokens", "4", "--rdma-chunk", "2", "--nvl-chunk", "2", "--cases", "bf16",
+                   "--timeout-s", "15"]
 
 SANITIZER_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=0",
@@ -313,7 +318,8 @@ MUTANTS: List[Mutant] = [
         "in_forward_past_tail", INTERNODE,
         [("      while (consumed < tail && consumed - batch_begin < a.nvl_chunk) {\n",
           "      while (consumed < max(tail, total) && consumed - batch_begin < a.nvl_chunk) {\n")],
-        [("plain", IN_SLOW, SLOW_NETWORK), ("thread", IN_TSAN)],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("plain", IN_SLOW + ["--seed", "2"], SLOW_NETWORK),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "3"], SLOW_NETWORK), ("thread", IN_TSAN)],
         "the dispatch forwarder copies slots up to the announced total without waiting for the tail", "internode"),
     Mutant(
         "in_tail_not_acquired", INTERNODE,
@@ -324,8 +330,8 @@ MUTANTS: List[Mutant] = [
         "the dispatch forwarder reads the RDMA tail relaxed: the slots it then copies are not acquired", "internode"),
     Mutant(
         "in_rdma_credit_plus_one", INTERNODE,
-        [("make_tag(epoch, uint32_t(consumed)), NVSHMEM_SIGNAL_SET, source);",
-          "make_tag(epoch, uint32_t(consumed + 1)), NVSHMEM_SIGNAL_SET, source);")],
+        [("uint64_t(consumed - batch_begin), NVSHMEM_SIGNAL_ADD, source);",
+          "uint64_t(consumed - batch_begin + 1), NVSHMEM_SIGNAL_ADD, source);")],
         [("plain", IN_PLAIN), ("thread", IN_TSAN)],
         "the dispatch forwarder hands back one RDMA slot more than it consumed: the sender overwrites a slot "
         "still unread", "internode"),
@@ -337,11 +343,18 @@ MUTANTS: List[Mutant] = [
         "the dispatch receiver releases one NVL slot more than it read", "internode"),
     Mutant(
         "in_combine_credit_plus_one", INTERNODE,
-        [("make_tag(epoch, uint32_t(sh.recv_base[n])), NVSHMEM_SIGNAL_SET",
-          "make_tag(epoch, uint32_t(sh.recv_base[n] + 1)), NVSHMEM_SIGNAL_SET")],
+        [("uint64_t(added), NVSHMEM_SIGNAL_ADD, n * L + my_local);",
+          "uint64_t(added + 1), NVSHMEM_SIGNAL_ADD, n * L + my_local);")],
         [("plain", IN_PLAIN + IN_TINY_RINGS), ("thread", IN_TSAN + IN_TINY_RINGS)],
         "the combine receiver hands back one RDMA slot more than it read: the forwarder overwrites a partial "
         "still unread", "internode"),
+    Mutant(
+        "in_combine_credit_set", INTERNODE,
+        [("uint64_t(added), NVSHMEM_SIGNAL_ADD, n * L + my_local);",
+          "uint64_t(sh.recv_base[n]), NVSHMEM_SIGNAL_SET, n * L + my_local);")],
+        [("plain", IN_CREDIT_ORDER + ["--seed", "1"]), ("plain", IN_CREDIT_ORDER + ["--seed", "2"])],
+        "the combine receiver SETs its running credit instead of adding: two SETs may land in either order, the "
+        "credit goes back and the forwarder stalls", "internode"),
     Mutant(
         "in_put_wrong_node", INTERNODE,
         [("lay.rdma_recv(my_node, c), slot_bytes, capacity", "lay.rdma_recv(n, c), slot_bytes, capacity")],

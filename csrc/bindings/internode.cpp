@@ -107,8 +107,10 @@ void register_internode(py::module_& m) {
   m.attr("INTERNODE_MAX_LOCAL_EXPERTS") = in::kMaxLocalExperts;
   m.attr("INTERNODE_MAX_TOPK") = in::kMaxTopk;
 
+  // module_local: ep_comm._C and ep_comm._C_emu both bind this C++ type, each for itself.
   py::class_<InternodeRuntime>(m, "InternodeRuntime",
-                               "NVSHMEM symmetric buffer and error slot of one internode Buffer.")
+                               "NVSHMEM symmetric buffer and error slot of one internode Buffer.",
+                               py::module_local())
       .def(py::init<int64_t, int, int, int, double>(), py::arg("num_bytes"), py::arg("rank"), py::arg("num_ranks"),
            py::arg("ranks_per_node"), py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("destroy", &InternodeRuntime::destroy, py::call_guard<py::gil_scoped_release>())
@@ -128,7 +130,7 @@ void register_internode(py::module_& m) {
           "Bytes this call needs; raises RuntimeError naming them when the buffer is smaller.")
       .def(
           "notify",
-          [](InternodeRuntime& rt, int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
+          [](InternodeRuntime& rt, int64_t hidden_bytes, int num_channels, int ring_tokens,
              int row_ints, uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert, int num_tokens,
              int num_local_experts, uintptr_t rank_matrix, uintptr_t recv_info, uintptr_t stream,
              uint32_t signature) {
@@ -141,9 +143,9 @@ void register_internode(py::module_& m) {
             a.num_local_experts = num_local_experts;
             a.rank_matrix = as_ptr<int>(rank_matrix);
             a.recv_info = as_ptr<int>(recv_info);
-            rt.notify(hidden_bytes, num_channels, ring_tokens, epoch, a, as_stream(stream));
+            rt.notify(hidden_bytes, num_channels, ring_tokens, a, as_stream(stream));
           },
-          py::arg("hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"), py::arg("epoch"),
+          py::arg("hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"),
           py::arg("row_ints"), py::arg("num_tokens_per_rank"), py::arg("num_tokens_per_expert"), py::arg("num_tokens"),
           py::arg("num_local_experts"), py::arg("rank_matrix"), py::arg("recv_info"), py::arg("stream"),
           py::arg("signature") = 0u,
@@ -151,7 +153,7 @@ void register_internode(py::module_& m) {
           "every rank, or every rank records an invalid-input error in notify.")
       .def(
           "dispatch",
-          [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens, uint64_t epoch,
+          [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens,
              uintptr_t x, int64_t hidden_bytes, uintptr_t x_scales, int num_scales, int64_t scale_token_stride,
              int64_t scale_hidden_stride, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk,
              uintptr_t is_token_in_rank, uintptr_t token_rank_cumsum, uintptr_t rank_matrix, int num_tokens,
@@ -184,9 +186,9 @@ void register_internode(py::module_& m) {
             if (num_topk > in::kMaxTopk)
               throw std::invalid_argument("internode dispatch supports top-k up to " + std::to_string(in::kMaxTopk) +
                                           ", got " + std::to_string(num_topk));
-            rt.dispatch(hidden_bytes_layout, num_channels, ring_tokens, epoch, a, as_stream(stream));
+            rt.dispatch(hidden_bytes_layout, num_channels, ring_tokens, a, as_stream(stream));
           },
-          py::arg("layout_hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"), py::arg("epoch"),
+          py::arg("layout_hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"),
           py::arg("x"), py::arg("hidden_bytes"), py::arg("x_scales"), py::arg("num_scales"),
           py::arg("scale_token_stride"), py::arg("scale_hidden_stride"), py::arg("topk_idx"), py::arg("topk_weights"),
           py::arg("num_topk"), py::arg("is_token_in_rank"), py::arg("token_rank_cumsum"), py::arg("rank_matrix"),
@@ -195,7 +197,7 @@ void register_internode(py::module_& m) {
           py::arg("rdma_chunk"), py::arg("nvl_chunk"), py::arg("stream"))
       .def(
           "combine",
-          [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens, uint64_t epoch,
+          [](InternodeRuntime& rt, int64_t hidden_bytes_layout, int num_channels, int ring_tokens,
              uintptr_t x, uintptr_t topk_weights, int num_topk, int hidden, uintptr_t rank_matrix,
              uintptr_t recv_src_token, int num_recv_rows, uintptr_t is_token_in_rank, int num_tokens,
              uintptr_t bias0, uintptr_t bias1, uintptr_t out, uintptr_t out_weights, int rdma_chunk, int nvl_chunk,
@@ -221,9 +223,9 @@ void register_internode(py::module_& m) {
                                           ", got " + std::to_string(num_topk));
             if (hidden % 8 != 0)
               throw std::invalid_argument("internode combine needs hidden % 8 == 0, got " + std::to_string(hidden));
-            rt.combine(hidden_bytes_layout, num_channels, ring_tokens, epoch, a, as_stream(stream));
+            rt.combine(hidden_bytes_layout, num_channels, ring_tokens, a, as_stream(stream));
           },
-          py::arg("layout_hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"), py::arg("epoch"),
+          py::arg("layout_hidden_bytes"), py::arg("num_channels"), py::arg("ring_tokens"),
           py::arg("x"), py::arg("topk_weights"), py::arg("num_topk"), py::arg("hidden"), py::arg("rank_matrix"),
           py::arg("recv_src_token"), py::arg("num_recv_rows"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
           py::arg("bias0"),

@@ -22,10 +22,10 @@ PYBIND11_MODULE(EP_COMM_MODULE_NAME, m) {
   register_runtime(m);
   register_intranode(m);
   register_low_latency(m);
+  register_internode(m);
 #ifdef EP_COMM_EMULATOR
   register_emulator(m);
 #else
-  register_internode(m);
   register_microbench(m);
 #endif
 }

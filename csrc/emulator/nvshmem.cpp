@@ -79,6 +79,7 @@ static_assert(sizeof(UniqueId) <= sizeof(nvshmemx_uniqueid_t), "unique id must f
 struct Pe {
   int pe = 0, num_pes = 0, device = 0;
   bool p2p = true;
+  int pes_per_node = 0;  // PEs pe / pes_per_node share a node: only they map each other (nvshmem_ptr)
   BootstrapPage* page = nullptr;
   int page_fd = -1;
   char* heap = nullptr;
@@ -363,7 +364,7 @@ void* ptr(const void* address, int pe, const char* file, int line) {
   }
   const char* a = static_cast<const char*>(address);
   if (a < p.heap || a >= p.heap + p.heap_bytes) return nullptr;  // not symmetric: NVSHMEM returns NULL
-  if (pe != p.pe && !p.p2p) return nullptr;
+  if (pe != p.pe && (!p.p2p || pe / p.pes_per_node != p.pe / p.pes_per_node)) return nullptr;
   return p.peer_heap[pe] + (a - p.heap);
 }
 
@@ -548,6 +549,16 @@ int nvshmemi_init_thread(int requested, int* provided, unsigned int flags, nvshm
   p->num_pes = nranks;
   p->device = device;
   p->p2p = !env_true("NVSHMEM_DISABLE_P2P");
+  // Emulated nodes: EP_COMM_RANKS_PER_NODE PEs per node (ep_comm's own setting; all PEs by default).
+  p->pes_per_node = nranks;
+  if (const char* per_node = std::getenv("EP_COMM_RANKS_PER_NODE"); per_node != nullptr && *per_node != '\0') {
+    const int n = std::atoi(per_node);
+    if (n < 1 || nranks % n != 0)
+      return host_error(NVSHMEMX_ERROR_INVALID_VALUE, std::string("EP_COMM_RANKS_PER_NODE=") + per_node +
+                                                          " must be a positive divisor of the " +
+                                                          std::to_string(nranks) + " PEs");
+    p->pes_per_node = n;
+  }
   auto fail = [&](int status, const std::string& message) {
     unmap_pe(*p);
     return host_error(status, "PE " + std::to_string(rank) + ": " + message);

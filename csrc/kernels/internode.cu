@@ -135,18 +135,34 @@ __device__ __forceinline__ bool earlier_error(const DeviceErrorSlot* slot) {
   return __syncthreads_or(threadIdx.x == 0 && error_reported(slot)) != 0;
 }
 
-// Progress watchdog of one warp's polling loop.
+// Progress watchdog of one warp's polling loop. stop() is the loop's verdict on an idle spin, the
+// same for every lane: lane 0 decides and broadcasts (lanes read the timer and the error slot at
+// different moments, and a warp split there would leave lanes waiting in its collectives). The
+// error slot is host memory (a PCIe read): looked at every kErrorPollSpins idle spins only.
 struct Watchdog {
+  static constexpr int kTimedOut = 1, kPeerFailed = 2;
+  static constexpr unsigned kErrorPollSpins = 64;
   long long last;
-  __device__ __forceinline__ void progressed() { last = global_timer_ns(); }
-  __device__ __forceinline__ bool expired(long long timeout_ns) const {
-    return spin_timed_out(last, timeout_ns);
+  unsigned idle_spins;
+  __device__ __forceinline__ void progressed() {
+    last = global_timer_ns();
+    idle_spins = 0;
+  }
+  __device__ __forceinline__ int stop(long long timeout_ns, const DeviceErrorSlot* slot, int lane) {
+    int verdict = 0;
+    if (lane == 0) {
+      if (spin_timed_out(last, timeout_ns)) verdict = kTimedOut;
+      else if (++idle_spins % kErrorPollSpins == 0 && error_reported(slot)) verdict = kPeerFailed;
+    }
+    return __shfl_sync(kFullMask, verdict, 0);
   }
 };
 
 // ---- notify ------------------------------------------------------------------------------------
 
 __global__ void notify_kernel(Common cm, NotifyArgs a) {
+  // Every thread reads the call number before the barrier below, after which thread 0 stores it.
+  cm.epoch = *static_cast<volatile uint64_t*>(cm.epoch_word) + 1;
   const Layout& lay = cm.layout;
   const int num_ranks = lay.num_ranks;
   const int parity = int(cm.epoch & 1);
@@ -164,6 +180,7 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
   }
   ptx::fence_acq_rel_sys();  // the staged rows are read by the put (or the NIC)
   __syncthreads();
+  if (threadIdx.x == 0) *cm.epoch_word = cm.epoch;  // advanced even if this notify fails
 
   // The flag carries tag(epoch, signature of the call's layout): ranks that disagree on it (another
   // channel count, ring size, hidden, top-k, scales or call kind) would put into each other's rings
@@ -207,9 +224,15 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
   // On failure the rows are not all there: leave the outputs alone (the host raises the error; the
   // dispatch/combine kernel queued next sees it and does nothing).
   if (__syncthreads_or(failed)) {
-    nvshmem_quiet();
+    if (threadIdx.x == 0) nvshmem_quiet();  // PE-wide: one thread, after the barrier, covers the block's puts
     return;
   }
+  // Every peer is past its previous call (its kernels ended with a quiet), so every credit ADD of
+  // that call has landed: zero its rdma_head array for the next call. Peers add to it only in the
+  // next call, after this rank's next notify, which this kernel precedes.
+  const int64_t next_heads = lay.rdma_head(parity ^ 1, 0, 0);
+  for (int i = threadIdx.x; i < lay.num_nodes * kMaxChannels; i += blockDim.x)
+    st_relaxed_u64(cm.buffer + next_heads + int64_t(i) * 8, 0);
 
   if (ints > 0 && a.rank_matrix != nullptr) {
     for (int i = threadIdx.x; i < num_ranks * (num_ranks + 1); i += blockDim.x) {
@@ -224,7 +247,10 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
       a.recv_info[j] = sum;
     }
   }
-  nvshmem_quiet();
+  // nvshmem_quiet completes every put of the PE, so one thread after a block barrier suffices (with
+  // IBGDA, each calling thread would drain the queue pairs again).
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();
 }
 
 // ---- dispatch ----------------------------------------------------------------------------------
@@ -275,6 +301,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
   const int R = lay.num_ranks, L = lay.ranks_per_node, N = lay.num_nodes, c = blockIdx.x;
   const int my_node = cm.rank / L, my_local = cm.rank % L;
   const uint32_t epoch = uint32_t(cm.epoch);
+  const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   int tb, te;
   channel_token_range(a.num_tokens, lay.num_channels, c, tb, te);
   for (int n = warp; n < N; n += kDispatchSendWarps) {
@@ -292,7 +319,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
       all_done = false;
       const int forwarder = n * L + my_local;
       int sent = sh.send_count[n];
-      const int head = max(sh.send_head[n], int(warp_tagged_value(cm.buffer + lay.rdma_head(n, c), epoch, 0, lane)));
+      const int head = warp_counter(cm.buffer + lay.rdma_head(parity, n, c), lane);
       const int batch_begin = sent;
       uint8_t* staging = cm.buffer + lay.rdma_send(n, c);
       while (t < te && sent - batch_begin < a.rdma_chunk && sent - head < capacity) {
@@ -343,13 +370,13 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_ns)) {
-      int waiting = -1;
-      for (int n = warp; n < N; n += kDispatchSendWarps)
-        if (sh.send_next[n] <= te) { waiting = n * L + my_local; break; }
-      if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseDispatchSend, waiting, c);
-      break;
-    } else if (error_reported(cm.error_slot)) {
+    } else if (const int stop = watchdog.stop(cm.timeout_ns, cm.error_slot, lane); stop != 0) {
+      if (stop == Watchdog::kTimedOut) {
+        int waiting = -1;
+        for (int n = warp; n < N; n += kDispatchSendWarps)
+          if (sh.send_next[n] <= te) { waiting = n * L + my_local; break; }
+        if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseDispatchSend, waiting, c);
+      }
       break;
     }
   }
@@ -361,6 +388,7 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
   const int L = lay.ranks_per_node, N = lay.num_nodes, c = blockIdx.x;
   const int my_node = cm.rank / L, my_local = cm.rank % L;
   const uint32_t epoch = uint32_t(cm.epoch);
+  const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   for (int m = warp; m < N; m += kDispatchForwardWarps) {
     if (lane == 0) sh.fwd_consumed[m] = 0, sh.fwd_total[m] = -1, sh.fwd_done[m] = 0;
     if (lane < L) sh.fwd_nvl_sent[m * L + lane] = 0, sh.fwd_nvl_head[m * L + lane] = 0;
@@ -412,8 +440,8 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
           st_release_u64(sh.peer_base[lane] + lay.nvl_tail(source, c),
                          make_tag(epoch, uint32_t(nvl_sent) | (finished ? kDoneBit : 0u)));
         if (consumed > batch_begin && lane == 0)
-          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_head(my_node, c)),
-                             make_tag(epoch, uint32_t(consumed)), NVSHMEM_SIGNAL_SET, source);
+          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_head(parity, my_node, c)),
+                             uint64_t(consumed - batch_begin), NVSHMEM_SIGNAL_ADD, source);
         progressed = true;
       }
       if (finished && lane == 0) st_relaxed_u64(cm.buffer + lay.rdma_tail(m, c), 0);  // all adds have landed
@@ -425,13 +453,13 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_ns)) {
-      int waiting = -1;
-      for (int m = warp; m < N; m += kDispatchForwardWarps)
-        if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
-      if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseInternodeDispatchForward, waiting, c);
-      break;
-    } else if (error_reported(cm.error_slot)) {
+    } else if (const int stop = watchdog.stop(cm.timeout_ns, cm.error_slot, lane); stop != 0) {
+      if (stop == Watchdog::kTimedOut) {
+        int waiting = -1;
+        for (int m = warp; m < N; m += kDispatchForwardWarps)
+          if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
+        if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseInternodeDispatchForward, waiting, c);
+      }
       break;
     }
   }
@@ -501,13 +529,13 @@ __device__ void dispatch_receiver(const Common& cm, const DispatchArgs& a, Dispa
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_ns)) {
-      int waiting = -1;
-      for (int s = warp; s < R; s += kDispatchRecvWarps)
-        if (!sh.recv_done[s]) { waiting = s; break; }
-      if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseDispatchRecv, waiting, c);
-      break;
-    } else if (error_reported(cm.error_slot)) {
+    } else if (const int stop = watchdog.stop(cm.timeout_ns, cm.error_slot, lane); stop != 0) {
+      if (stop == Watchdog::kTimedOut) {
+        int waiting = -1;
+        for (int s = warp; s < R; s += kDispatchRecvWarps)
+          if (!sh.recv_done[s]) { waiting = s; break; }
+        if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseDispatchRecv, waiting, c);
+      }
       break;
     }
   }
@@ -515,6 +543,7 @@ __device__ void dispatch_receiver(const Common& cm, const DispatchArgs& a, Dispa
 
 __global__ void __launch_bounds__((kDispatchSendWarps + kDispatchForwardWarps + kDispatchRecvWarps) * 32, 1)
 dispatch_kernel(Common cm, DispatchArgs a) {
+  cm.epoch = *static_cast<volatile uint64_t*>(cm.epoch_word);  // notify, queued before, advanced it
   EP_DYNAMIC_SHARED(uint8_t, smem_raw);
   if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
@@ -547,7 +576,8 @@ dispatch_kernel(Common cm, DispatchArgs a) {
     dispatch_receiver(cm, a, sh, warp - kDispatchSendWarps - kDispatchForwardWarps, lane, slot, slot_bytes,
                       nvl_capacity);
   }
-  nvshmem_quiet();
+  __syncthreads();  // every role's puts issued: one PE-wide quiet covers them
+  if (threadIdx.x == 0) nvshmem_quiet();
 }
 
 // ---- combine -----------------------------------------------------------------------------------
@@ -674,13 +704,13 @@ __device__ void combine_sender(const Common& cm, const CombineArgs& a, CombineSh
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_ns)) {
-      int waiting = -1;
-      for (int s = warp; s < R; s += kCombineSendWarps)
-        if (!sh.send_done[s]) { waiting = (cm.rank / L) * L + s % L; break; }
-      if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseCombineSend, waiting, c);
-      break;
-    } else if (error_reported(cm.error_slot)) {
+    } else if (const int stop = watchdog.stop(cm.timeout_ns, cm.error_slot, lane); stop != 0) {
+      if (stop == Watchdog::kTimedOut) {
+        int waiting = -1;
+        for (int s = warp; s < R; s += kCombineSendWarps)
+          if (!sh.send_done[s]) { waiting = (cm.rank / L) * L + s % L; break; }
+        if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseCombineSend, waiting, c);
+      }
       break;
     }
   }
@@ -693,6 +723,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
   const int L = lay.ranks_per_node, N = lay.num_nodes, c = blockIdx.x;
   const int my_node = cm.rank / L, my_local = cm.rank % L;
   const uint32_t epoch = uint32_t(cm.epoch);
+  const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   const uint8_t** slot_ptr = sh.slot_ptr + warp * kMaxLocalRanks;
   for (int m = warp; m < N; m += kCombineForwardWarps) {
     if (lane == 0) sh.fwd_sent[m] = 0, sh.fwd_head[m] = 0, sh.fwd_done[m] = 0;
@@ -709,7 +740,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       all_done = false;
       const int source = m * L + my_local;
       int sent = sh.fwd_sent[m];
-      const int head = max(sh.fwd_head[m], int(warp_tagged_value(cm.buffer + lay.rdma_head(m, c), epoch, 0, lane)));
+      const int head = warp_counter(cm.buffer + lay.rdma_head(parity, m, c), lane);
       // Lane l < L reads the ring written by local rank l for this source.
       const uint8_t* ring = lane < L ? cm.buffer + lay.nvl_ring(lane * N + m, c) : nullptr;
       int consumed = lane < L ? sh.fwd_consumed[m * L + lane] : 0;
@@ -790,13 +821,13 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
     if (all_done) break;
     if (progressed) {
       watchdog.progressed();
-    } else if (watchdog.expired(cm.timeout_ns)) {
-      int waiting = -1;
-      for (int m = warp; m < N; m += kCombineForwardWarps)
-        if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
-      if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseInternodeCombineForward, waiting, c);
-      break;
-    } else if (error_reported(cm.error_slot)) {
+    } else if (const int stop = watchdog.stop(cm.timeout_ns, cm.error_slot, lane); stop != 0) {
+      if (stop == Watchdog::kTimedOut) {
+        int waiting = -1;
+        for (int m = warp; m < N; m += kCombineForwardWarps)
+          if (!sh.fwd_done[m]) { waiting = m * L + my_local; break; }
+        if (lane == 0) report_timeout(cm.error_slot, cm.rank, kPhaseInternodeCombineForward, waiting, c);
+      }
       break;
     }
   }
@@ -807,7 +838,7 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node, N = lay.num_nodes, c = blockIdx.x;
   const int my_node = cm.rank / L, my_local = cm.rank % L;
-  const uint32_t epoch = uint32_t(cm.epoch);
+  const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   const int num_threads = num_warps * 32;
   int tb, te;
   channel_token_range(a.num_tokens, lay.num_channels, c, tb, te);
@@ -913,8 +944,8 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
         for (int w = 0; w < num_warps; ++w) added += sh.recv_hit[w * N + n];
         if (added > 0) {
           sh.recv_base[n] += added;
-          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_head(my_node, c)),
-                             make_tag(epoch, uint32_t(sh.recv_base[n])), NVSHMEM_SIGNAL_SET, n * L + my_local);
+          nvshmemx_signal_op(reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_head(parity, my_node, c)),
+                             uint64_t(added), NVSHMEM_SIGNAL_ADD, n * L + my_local);
         }
       }
     }
@@ -927,6 +958,7 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
 
 __global__ void __launch_bounds__((kCombineSendWarps + kCombineForwardWarps + kCombineRecvWarps) * 32, 1)
 combine_kernel(Common cm, CombineArgs a) {
+  cm.epoch = *static_cast<volatile uint64_t*>(cm.epoch_word);  // notify, queued before, advanced it
   EP_DYNAMIC_SHARED(uint8_t, smem_raw);
   if (earlier_error(cm.error_slot)) return;
   const Layout& lay = cm.layout;
@@ -957,7 +989,8 @@ combine_kernel(Common cm, CombineArgs a) {
     combine_receiver(cm, a, sh, warp - kCombineSendWarps - kCombineForwardWarps, lane, num_recv_warps, rdma_slot,
                      rdma_slot_bytes, rdma_capacity);
   }
-  nvshmem_quiet();
+  __syncthreads();  // every role's puts issued: one PE-wide quiet covers them
+  if (threadIdx.x == 0) nvshmem_quiet();
 }
 
 }  // namespace

@@ -31,9 +31,13 @@ InternodeRuntime::InternodeRuntime(int64_t num_bytes, int rank, int num_ranks, i
   nvshmem_runtime::add_reference();
   try {
     timeout_ns_ = timeout_ns_from_seconds(timeout_s);
+    EP_CUDA_CHECK(cudaMalloc(&epoch_word_, sizeof(uint64_t)));
+    EP_CUDA_CHECK(cudaMemset(epoch_word_, 0, sizeof(uint64_t)));
     // Counters start at zero; peers write them only after the host barrier Python runs next.
     buffer_ = nvshmem_runtime::malloc_zeroed(num_bytes, rank);
   } catch (...) {
+    if (epoch_word_ != nullptr) cudaFree(epoch_word_);
+    epoch_word_ = nullptr;
     buffer_ = nullptr;
     nvshmem_runtime::release();
     throw;
@@ -48,6 +52,8 @@ void InternodeRuntime::destroy() {
   EP_CUDA_CHECK(cudaDeviceSynchronize());
   nvshmem_free(buffer_);  // collective
   buffer_ = nullptr;
+  EP_CUDA_CHECK(cudaFree(epoch_word_));
+  epoch_word_ = nullptr;
   nvshmem_runtime::release();
 }
 
@@ -89,29 +95,28 @@ internode::Layout InternodeRuntime::layout(int64_t hidden_bytes, int num_channel
   return internode_checked_layout(num_bytes_, hidden_bytes, num_ranks_, ranks_per_node_, num_channels, ring_tokens);
 }
 
-internode::Common InternodeRuntime::common(int64_t hidden_bytes, int num_channels, int ring_tokens,
-                                           uint64_t epoch) const {
-  internode::Common c{buffer_, layout(hidden_bytes, num_channels, ring_tokens), rank_, epoch,
+internode::Common InternodeRuntime::common(int64_t hidden_bytes, int num_channels, int ring_tokens) const {
+  internode::Common c{buffer_, layout(hidden_bytes, num_channels, ring_tokens), rank_, epoch_word_, 0,
                       error_slot_.device_ptr(), timeout_ns_};
   return c;
 }
 
-void InternodeRuntime::notify(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
+void InternodeRuntime::notify(int64_t hidden_bytes, int num_channels, int ring_tokens,
                               const internode::NotifyArgs& args, cudaStream_t stream) {
   select_device();
-  internode::launch_notify(common(hidden_bytes, num_channels, ring_tokens, epoch), args, stream);
+  internode::launch_notify(common(hidden_bytes, num_channels, ring_tokens), args, stream);
 }
 
-void InternodeRuntime::dispatch(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
+void InternodeRuntime::dispatch(int64_t hidden_bytes, int num_channels, int ring_tokens,
                                 const internode::DispatchArgs& args, cudaStream_t stream) {
   select_device();
-  internode::launch_dispatch(common(hidden_bytes, num_channels, ring_tokens, epoch), args, stream);
+  internode::launch_dispatch(common(hidden_bytes, num_channels, ring_tokens), args, stream);
 }
 
-void InternodeRuntime::combine(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
+void InternodeRuntime::combine(int64_t hidden_bytes, int num_channels, int ring_tokens,
                                const internode::CombineArgs& args, cudaStream_t stream) {
   select_device();
-  internode::launch_combine(common(hidden_bytes, num_channels, ring_tokens, epoch), args, stream);
+  internode::launch_combine(common(hidden_bytes, num_channels, ring_tokens), args, stream);
 }
 
 }  // namespace ep_comm

@@ -44,19 +44,21 @@ class InternodeRuntime {
   // The layout of a call; throws naming the bytes needed when num_rdma_bytes is too small.
   internode::Layout layout(int64_t hidden_bytes, int num_channels, int ring_tokens) const;
 
-  // `epoch` must be the same on every rank for the same call and grow by one per call.
-  void notify(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
-              const internode::NotifyArgs& args, cudaStream_t stream);
-  void dispatch(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
-                const internode::DispatchArgs& args, cudaStream_t stream);
-  void combine(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch,
-               const internode::CombineArgs& args, cudaStream_t stream);
+  // Every call is notify, then dispatch or combine, on one stream: notify advances the call number
+  // on the device (Common::epoch_word), which the kernel after it reads.
+  void notify(int64_t hidden_bytes, int num_channels, int ring_tokens, const internode::NotifyArgs& args,
+              cudaStream_t stream);
+  void dispatch(int64_t hidden_bytes, int num_channels, int ring_tokens, const internode::DispatchArgs& args,
+                cudaStream_t stream);
+  void combine(int64_t hidden_bytes, int num_channels, int ring_tokens, const internode::CombineArgs& args,
+               cudaStream_t stream);
 
  private:
-  internode::Common common(int64_t hidden_bytes, int num_channels, int ring_tokens, uint64_t epoch) const;
+  internode::Common common(int64_t hidden_bytes, int num_channels, int ring_tokens) const;
   void select_device() const;
 
   uint8_t* buffer_ = nullptr;
+  uint64_t* epoch_word_ = nullptr;  // device memory: the call number (zero at creation)
   int64_t num_bytes_ = 0;
   ErrorSlotHost error_slot_;
   int device_ = -1;

@@ -22,7 +22,7 @@ def make_backend(kind: str, ctx: BackendContext, target: Optional[KernelTarget] 
         return IntranodeBackend(ctx, target)
     if kind == "internode":
         from ep_comm.backends.internode import InternodeBackend
-        return InternodeBackend(ctx)
+        return InternodeBackend(ctx, target)
     if kind == "low_latency":
         from ep_comm.backends.low_latency import LowLatencyBackend
         return LowLatencyBackend(ctx, target)

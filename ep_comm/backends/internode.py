@@ -16,8 +16,9 @@ barrier: nobody touches a peer's rings before every rank finished its previous c
 knows the full R x R count matrix and computes each token's final row at each destination, so rows
 are placed explicitly (source-rank major, ascending token) without atomics.
 
-Calls are numbered (``epoch``) on the host, the same on every rank because calls are collective;
-counters carry the epoch, so the buffer is reused without clean-up kernels.
+Calls are numbered (``epoch``) on the device: notify advances the number and the kernel after it
+reads it, the same on every rank because calls are collective; counters carry it, so the buffer is
+reused without clean-up kernels (and a replayed CUDA graph would advance it too).
 
 Failures: a device timeout or a bad row is recorded in a host-mapped slot and raised as RuntimeError
 (rank, phase, peer) at the next host wait or the next call; afterwards the buffer's state is
@@ -25,9 +26,10 @@ undefined: destroy the Buffers on all ranks and create new ones.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,8 +38,8 @@ from ep_comm import _ext
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput,
                                    destroy_at_exit)
+from ep_comm.backends.target import KernelTarget, cuda_target
 from ep_comm.config import Config
-
 
 
 @dataclass
@@ -73,11 +75,17 @@ class InternodeBackend(Backend):
     name = "internode"
     collective_destroy = True
 
-    def __init__(self, ctx: BackendContext) -> None:
+    def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
+        """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        self._C = _ext.require()
-        if ctx.device.type != "cuda":
-            raise ValueError(f"the internode backend needs a CUDA device, got {ctx.device}")
+        if target is None:
+            if ctx.device.type != "cuda":
+                raise ValueError(f"the internode backend needs a CUDA device, got {ctx.device}")
+            target = cuda_target(ctx.device)
+        elif ctx.device.type != target.device.type:
+            raise ValueError(f"this Buffer's device is {ctx.device}, but the internode kernels run on {target.device}")
+        self._target = target
+        self._C = target.module
         if ctx.num_nodes < 2:
             raise ValueError("the internode backend serves groups spanning several nodes; this one is a single node "
                              "(use the intranode backend)")
@@ -88,15 +96,14 @@ class InternodeBackend(Backend):
             raise ValueError("a Buffer spanning several nodes needs num_rdma_bytes > 0; size it with "
                              "Buffer.get_dispatch_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks) "
                              "(max with the combine config's hint)")
-        self._device = ctx.device if ctx.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        self._num_device_sms = torch.cuda.get_device_properties(self._device).multi_processor_count
+        self._device = target.device
+        self._num_device_sms = target.num_sms
         self._destroyed = False
-        self._epoch = 0
         self._runtime = None
 
-        nvshmem.acquire(ctx, self._C, self._device.index)
+        nvshmem.acquire(ctx, self._C, target.device_index)
         try:
-            with torch.cuda.device(self._device):
+            with self._on_device():
                 self._runtime = self._C.InternodeRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
                                                          ctx.ranks_per_node, ctx.timeout_s)
         finally:
@@ -134,11 +141,28 @@ class InternodeBackend(Backend):
             self._check()
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self._device).cuda_stream
+        return self._target.stream()
 
-    def _next_epoch(self) -> int:
-        self._epoch += 1
-        return self._epoch
+    def _on_device(self):
+        """The CUDA device as current (NVSHMEM and the runtime bind to it); nothing on the emulator."""
+        return contextlib.nullcontext() if self._target.emulated else torch.cuda.device(self._device)
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        """Wraps the body of every op: at its end, raised or not, the target's after_op runs (on the
+        emulator, a synchronize) while the op's locals (contiguous copies, outputs) are still alive."""
+        try:
+            yield
+        finally:
+            self._target.after_op()
+
+    def _refuse_capture(self, what: str) -> None:
+        """Graph replays of internode calls have never run on a GPU (the call number is kept on the
+        device for them, but a wrong replay would corrupt peers' rings silently): refuse capture,
+        before anything is launched."""
+        if self._target.is_capturing():
+            raise RuntimeError(f"internode {what} cannot be captured in a CUDA graph yet (graph replay of the "
+                               "internode kernels is unverified); run internode calls eagerly")
 
     def _check_call(self, what: str, hidden: int, num_channels: int, ring_tokens: int) -> None:
         """Refuse, before any launch, a call the buffer cannot hold or the GPU cannot co-schedule."""
@@ -167,7 +191,8 @@ class InternodeBackend(Backend):
             in_rank = torch.empty(num_tokens, num_ranks, dtype=torch.bool, device=self._device)
             self._C.get_dispatch_layout(_ptr(topk), num_tokens, num_topk, num_ranks, num_experts,
                                         self.ctx.ranks_per_node, _ptr(per_rank), _ptr(per_node), _ptr(per_expert),
-                                        _ptr(in_rank), self._device.index, self._stream())
+                                        _ptr(in_rank), self._target.device_index, self._stream())
+            self._target.after_op()
             return per_rank, per_node, per_expert, in_rank
         # torch fallback (same counting rules as the reference backend)
         experts_per_rank = num_experts // num_ranks
@@ -184,140 +209,144 @@ class InternodeBackend(Backend):
 
     # ---- dispatch --------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
-        self._check()
-        num_ranks = self.ctx.num_ranks
-        stream = self._stream()
-        cached = args.handle is not None
-        x = _aligned16(args.x)  # rows move as 16-byte vectors: the base must be aligned too
-        num_tokens, hidden = x.shape
-        hidden_bytes = hidden * x.element_size()
-        if hidden_bytes % 16 != 0:
-            raise ValueError(f"internode dispatch needs rows of a multiple of 16 bytes, got {hidden_bytes}")
-        scales = args.x_scales
-        num_scales = scales.shape[1] if scales is not None else 0
-        ring_tokens = args.config.num_max_rdma_chunked_recv_tokens
-        rdma_chunk = args.config.num_max_rdma_chunked_send_tokens
-        nvl_chunk = args.config.num_max_nvl_chunked_send_tokens
+        # Temporaries stay alive until after_op (the emulator's synchronize) has run.
+        with self._op():
+            self._check()
+            self._refuse_capture("dispatch")
+            num_ranks = self.ctx.num_ranks
+            stream = self._stream()
+            cached = args.handle is not None
+            x = _aligned16(args.x)  # rows move as 16-byte vectors: the base must be aligned too
+            num_tokens, hidden = x.shape
+            hidden_bytes = hidden * x.element_size()
+            if hidden_bytes % 16 != 0:
+                raise ValueError(f"internode dispatch needs rows of a multiple of 16 bytes, got {hidden_bytes}")
+            scales = args.x_scales
+            num_scales = scales.shape[1] if scales is not None else 0
+            ring_tokens = args.config.num_max_rdma_chunked_recv_tokens
+            rdma_chunk = args.config.num_max_rdma_chunked_send_tokens
+            nvl_chunk = args.config.num_max_nvl_chunked_send_tokens
 
-        if cached:
-            handle = args.handle
-            if handle.backend != self.name:
-                raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-            state: _InternodeState = handle.state
-            num_channels = state.num_channels
-            self._check_call("dispatch", hidden, num_channels, ring_tokens)
-            topk_idx = topk_weights = None
-            num_topk = 0
-            num_local_experts = 0
-            num_rows = handle.num_recv_rows
-            num_worst = handle.num_worst_tokens
-            signature = _signature("cached-dispatch", hidden, hidden_bytes, num_scales, num_channels, ring_tokens)
-            epoch = self._next_epoch()
-            self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream,
-                                 signature)
-            recv_src_token = torch.empty(max(num_rows, 1), dtype=torch.int32, device=self._device)
-        else:
-            num_channels = args.config.num_channels
-            self._check_call("dispatch", hidden, num_channels, ring_tokens)
-            topk_idx = args.topk_idx.contiguous()
-            topk_weights = args.topk_weights.contiguous() if args.topk_weights is not None else None
-            num_topk = topk_idx.shape[1]
-            if num_topk > self._C.INTERNODE_MAX_TOPK:
-                raise ValueError(f"topk_idx has {num_topk} columns; at most {self._C.INTERNODE_MAX_TOPK} are supported")
-            num_experts = args.num_tokens_per_expert.numel()
-            num_local_experts = num_experts // num_ranks
-            if num_local_experts > self._C.INTERNODE_MAX_LOCAL_EXPERTS:
-                raise ValueError(f"the internode kernels support up to {self._C.INTERNODE_MAX_LOCAL_EXPERTS} experts per "
-                                 f"rank, got {num_local_experts} ({num_experts} experts over {num_ranks} ranks)")
-            num_worst = args.num_worst_tokens
-            is_token_in_rank = args.is_token_in_rank.contiguous()
-            num_tokens_per_rank = args.num_tokens_per_rank.to(torch.int32).contiguous()
-            num_tokens_per_expert = args.num_tokens_per_expert.to(torch.int32).contiguous()
-            rank_matrix = torch.empty(num_ranks, num_ranks + 1, dtype=torch.int32, device=self._device)
-            recv_info = torch.empty(1 + num_local_experts, dtype=torch.int32, device=self._device)
-            cumsum = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
-            signature = _signature("dispatch", hidden, hidden_bytes, num_scales, num_topk, num_local_experts,
-                                   num_channels, ring_tokens)
-            epoch = self._next_epoch()
-            self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, num_ranks + 1 + num_local_experts,
-                                 _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), num_tokens, num_local_experts,
-                                 _ptr(rank_matrix), _ptr(recv_info), stream, signature)
-            if num_worst == 0:
-                info = recv_info.cpu().tolist()  # the host sync of this mode (bounded by the device timeout)
-                self._check()
-                num_rows = int(info[0])
-                align = args.expert_alignment
-                per_expert_list = [(c + align - 1) // align * align for c in info[1:]]
-                num_recv = num_rows
+            if cached:
+                handle = args.handle
+                if handle.backend != self.name:
+                    raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
+                state: _InternodeState = handle.state
+                num_channels = state.num_channels
+                self._check_call("dispatch", hidden, num_channels, ring_tokens)
+                topk_idx = topk_weights = None
+                num_topk = 0
+                num_local_experts = 0
+                num_rows = handle.num_recv_rows
+                num_worst = handle.num_worst_tokens
+                signature = _signature("cached-dispatch", hidden, hidden_bytes, num_scales, num_channels, ring_tokens)
+                self._runtime.notify(hidden * 2, num_channels, ring_tokens, 0, 0, 0, num_tokens, 0, 0, 0, stream,
+                                     signature)
+                recv_src_token = torch.empty(max(num_rows, 1), dtype=torch.int32, device=self._device)
             else:
-                num_rows = num_worst
-                per_expert_list = []
-                num_recv = None
-            recv_src_token = torch.empty(max(num_rows, 1), dtype=torch.int32, device=self._device)
-            state = _InternodeState(rank_matrix, cumsum, is_token_in_rank, recv_src_token, num_channels, num_recv)
+                num_channels = args.config.num_channels
+                self._check_call("dispatch", hidden, num_channels, ring_tokens)
+                topk_idx = args.topk_idx.contiguous()
+                topk_weights = args.topk_weights.contiguous() if args.topk_weights is not None else None
+                num_topk = topk_idx.shape[1]
+                if num_topk > self._C.INTERNODE_MAX_TOPK:
+                    raise ValueError(f"topk_idx has {num_topk} columns; at most {self._C.INTERNODE_MAX_TOPK} are supported")
+                num_experts = args.num_tokens_per_expert.numel()
+                num_local_experts = num_experts // num_ranks
+                if num_local_experts > self._C.INTERNODE_MAX_LOCAL_EXPERTS:
+                    raise ValueError(f"the internode kernels support up to {self._C.INTERNODE_MAX_LOCAL_EXPERTS} experts per "
+                                     f"rank, got {num_local_experts} ({num_experts} experts over {num_ranks} ranks)")
+                num_worst = args.num_worst_tokens
+                is_token_in_rank = args.is_token_in_rank.contiguous()
+                num_tokens_per_rank = args.num_tokens_per_rank.to(torch.int32).contiguous()
+                num_tokens_per_expert = args.num_tokens_per_expert.to(torch.int32).contiguous()
+                rank_matrix = torch.empty(num_ranks, num_ranks + 1, dtype=torch.int32, device=self._device)
+                recv_info = torch.empty(1 + num_local_experts, dtype=torch.int32, device=self._device)
+                cumsum = torch.cumsum(is_token_in_rank, dim=0, dtype=torch.int32)
+                signature = _signature("dispatch", hidden, hidden_bytes, num_scales, num_topk, num_local_experts,
+                                       num_channels, ring_tokens)
+                self._runtime.notify(hidden * 2, num_channels, ring_tokens, num_ranks + 1 + num_local_experts,
+                                     _ptr(num_tokens_per_rank), _ptr(num_tokens_per_expert), num_tokens, num_local_experts,
+                                     _ptr(rank_matrix), _ptr(recv_info), stream, signature)
+                if num_worst == 0:
+                    if self._target.emulated:
+                        self._target.after_op()  # CPU tensors: no stream orders the read after notify
+                    info = recv_info.cpu().tolist()  # the host sync of this mode (bounded by the device timeout)
+                    self._check()
+                    num_rows = int(info[0])
+                    align = args.expert_alignment
+                    per_expert_list = [(c + align - 1) // align * align for c in info[1:]]
+                    num_recv = num_rows
+                else:
+                    num_rows = num_worst
+                    per_expert_list = []
+                    num_recv = None
+                recv_src_token = torch.empty(max(num_rows, 1), dtype=torch.int32, device=self._device)
+                state = _InternodeState(rank_matrix, cumsum, is_token_in_rank, recv_src_token, num_channels, num_recv)
 
-        pad = num_worst > 0
-        make = torch.zeros if pad else torch.empty
-        recv_x = make(num_rows, hidden, dtype=x.dtype, device=self._device)
-        recv_x_scales = make(num_rows, num_scales, dtype=torch.float32, device=self._device) if scales is not None else None
-        recv_topk_idx = None
-        recv_topk_weights = None
-        if topk_idx is not None:
-            recv_topk_idx = (torch.full((num_rows, num_topk), -1, dtype=torch.int64, device=self._device) if pad
-                             else torch.empty(num_rows, num_topk, dtype=torch.int64, device=self._device))
-            if topk_weights is not None:
-                recv_topk_weights = make(num_rows, num_topk, dtype=torch.float32, device=self._device)
+            pad = num_worst > 0
+            make = torch.zeros if pad else torch.empty
+            recv_x = make(num_rows, hidden, dtype=x.dtype, device=self._device)
+            recv_x_scales = make(num_rows, num_scales, dtype=torch.float32, device=self._device) if scales is not None else None
+            recv_topk_idx = None
+            recv_topk_weights = None
+            if topk_idx is not None:
+                recv_topk_idx = (torch.full((num_rows, num_topk), -1, dtype=torch.int64, device=self._device) if pad
+                                 else torch.empty(num_rows, num_topk, dtype=torch.int64, device=self._device))
+                if topk_weights is not None:
+                    recv_topk_weights = make(num_rows, num_topk, dtype=torch.float32, device=self._device)
 
-        self._runtime.dispatch(
-            hidden * 2, num_channels, ring_tokens, epoch,
-            _ptr(x), hidden_bytes, _ptr(scales), num_scales,
-            scales.stride(0) if scales is not None else 0, scales.stride(1) if scales is not None else 0,
-            _ptr(topk_idx), _ptr(topk_weights), num_topk,
-            _ptr(state.is_token_in_rank), _ptr(state.token_rank_cumsum), _ptr(state.rank_matrix), num_tokens,
-            num_local_experts, _ptr(recv_x), _ptr(recv_x_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
-            _ptr(recv_src_token), num_rows, rdma_chunk, nvl_chunk, stream)
+            self._runtime.dispatch(
+                hidden * 2, num_channels, ring_tokens,
+                _ptr(x), hidden_bytes, _ptr(scales), num_scales,
+                scales.stride(0) if scales is not None else 0, scales.stride(1) if scales is not None else 0,
+                _ptr(topk_idx), _ptr(topk_weights), num_topk,
+                _ptr(state.is_token_in_rank), _ptr(state.token_rank_cumsum), _ptr(state.rank_matrix), num_tokens,
+                num_local_experts, _ptr(recv_x), _ptr(recv_x_scales), _ptr(recv_topk_idx), _ptr(recv_topk_weights),
+                _ptr(recv_src_token), num_rows, rdma_chunk, nvl_chunk, stream)
 
-        if cached:
-            return DispatchOutput(recv_x, recv_x_scales, None, None, None, args.handle)
-        handle = DispatchHandle(buffer_id=self.ctx.buffer_id, backend=self.name, num_tokens=num_tokens, hidden=hidden,
-                                num_recv_rows=num_rows, num_worst_tokens=num_worst,
-                                is_token_in_rank=args.is_token_in_rank, state=state)
-        return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
+            if cached:
+                return DispatchOutput(recv_x, recv_x_scales, None, None, None, args.handle)
+            handle = DispatchHandle(buffer_id=self.ctx.buffer_id, backend=self.name, num_tokens=num_tokens, hidden=hidden,
+                                    num_recv_rows=num_rows, num_worst_tokens=num_worst,
+                                    is_token_in_rank=args.is_token_in_rank, state=state)
+            return DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
     # ---- combine ---------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias: List[torch.Tensor], config: Config):
-        self._check()
-        if handle.backend != self.name:
-            raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-        state: _InternodeState = handle.state
-        config = config or Config()
-        num_channels = state.num_channels  # the dispatch's token split, whatever this config says
-        ring_tokens = config.num_max_rdma_chunked_recv_tokens
-        x = _aligned16(x)
-        hidden = x.shape[1]
-        self._check_call("combine", hidden, num_channels, ring_tokens)
-        weights = topk_weights.contiguous() if topk_weights is not None else None
-        num_topk = weights.shape[1] if weights is not None else 0
-        if num_topk > self._C.INTERNODE_MAX_TOPK:
-            raise ValueError(f"topk_weights has {num_topk} columns; at most {self._C.INTERNODE_MAX_TOPK} are supported")
-        biases = [_aligned16(b) for b in bias]
-        bias0 = biases[0] if len(biases) > 0 else None
-        bias1 = biases[1] if len(biases) > 1 else None
-        num_tokens = handle.num_tokens
-        combined_x = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self._device)
-        combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self._device)
-                            if weights is not None else None)
-        stream = self._stream()
-        signature = _signature("combine", hidden, num_topk, num_channels, ring_tokens)
-        epoch = self._next_epoch()
-        self._runtime.notify(hidden * 2, num_channels, ring_tokens, epoch, 0, 0, 0, num_tokens, 0, 0, 0, stream,
-                             signature)
-        self._runtime.combine(hidden * 2, num_channels, ring_tokens, epoch, _ptr(x), _ptr(weights), num_topk, hidden,
-                              _ptr(state.rank_matrix), _ptr(state.recv_src_token), handle.num_recv_rows,
-                              _ptr(state.is_token_in_rank), num_tokens, _ptr(bias0), _ptr(bias1), _ptr(combined_x), _ptr(combined_weights),
-                              config.num_max_rdma_chunked_send_tokens, config.num_max_nvl_chunked_send_tokens, stream)
-        return combined_x, combined_weights
+        with self._op():
+            self._check()
+            self._refuse_capture("combine")
+            if handle.backend != self.name:
+                raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
+            state: _InternodeState = handle.state
+            config = config or Config()
+            num_channels = state.num_channels  # the dispatch's token split, whatever this config says
+            ring_tokens = config.num_max_rdma_chunked_recv_tokens
+            x = _aligned16(x)
+            hidden = x.shape[1]
+            self._check_call("combine", hidden, num_channels, ring_tokens)
+            weights = topk_weights.contiguous() if topk_weights is not None else None
+            num_topk = weights.shape[1] if weights is not None else 0
+            if num_topk > self._C.INTERNODE_MAX_TOPK:
+                raise ValueError(f"topk_weights has {num_topk} columns; at most {self._C.INTERNODE_MAX_TOPK} are supported")
+            biases = [_aligned16(b) for b in bias]
+            bias0 = biases[0] if len(biases) > 0 else None
+            bias1 = biases[1] if len(biases) > 1 else None
+            num_tokens = handle.num_tokens
+            combined_x = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self._device)
+            combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self._device)
+                                if weights is not None else None)
+            stream = self._stream()
+            signature = _signature("combine", hidden, num_topk, num_channels, ring_tokens)
+            self._runtime.notify(hidden * 2, num_channels, ring_tokens, 0, 0, 0, num_tokens, 0, 0, 0, stream,
+                                 signature)
+            self._runtime.combine(hidden * 2, num_channels, ring_tokens, _ptr(x), _ptr(weights), num_topk, hidden,
+                                  _ptr(state.rank_matrix), _ptr(state.recv_src_token), handle.num_recv_rows,
+                                  _ptr(state.is_token_in_rank), num_tokens, _ptr(bias0), _ptr(bias1), _ptr(combined_x), _ptr(combined_weights),
+                                  config.num_max_rdma_chunked_send_tokens, config.num_max_nvl_chunked_send_tokens, stream)
+            return combined_x, combined_weights
 
     # ---- teardown --------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -327,6 +356,7 @@ class InternodeBackend(Backend):
         self._destroyed = True
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
-            with torch.cuda.device(self._device):
-                torch.cuda.synchronize(self._device)
+            with self._on_device():
+                if not self._target.emulated:
+                    torch.cuda.synchronize(self._device)
                 runtime.destroy()

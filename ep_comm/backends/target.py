@@ -21,7 +21,7 @@ from ep_comm import _ext
 
 # Kernel families each target can run, as make_backend names them.
 _CUDA_FAMILIES = ("intranode", "internode", "low_latency")
-_EMULATED_FAMILIES = ("intranode", "low_latency")
+_EMULATED_FAMILIES = ("intranode", "internode", "low_latency")
 _FAMILY_WORDS = {"intranode": "intranode", "internode": "internode", "low_latency": "low-latency"}
 
 

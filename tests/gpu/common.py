@@ -109,7 +109,14 @@ def close(name: str, got, want, seed, limit: float = 5e-6) -> float:
     got, want = got.cpu(), want.cpu()
     assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != {list(want.shape)} (seed {seed})"
     diff = calc_diff(got.float(), want.float())
-    assert diff < limit, f"{name}: calc_diff {diff} >= {limit} (seed {seed})"
+    if not diff < limit:
+        # Which rows are off tells a misplaced row from a wrong sum.
+        rows = got.reshape(got.shape[0], -1).float() if got.dim() > 0 and got.shape[0] > 0 else got.reshape(1, -1).float()
+        ref = want.reshape(rows.shape).float()
+        bad = ((rows - ref).abs() > 1e-2 * (1 + ref.abs())).any(dim=1).nonzero().flatten().tolist()
+        zero = (rows == 0).all(dim=1).nonzero().flatten().tolist()
+        raise AssertionError(f"{name}: calc_diff {diff} >= {limit} (seed {seed}); {len(bad)} of {rows.shape[0]} rows "
+                             f"differ (first {bad[:8]}), all-zero rows {zero[:8]}")
     return diff
 
 

@@ -1,15 +1,19 @@
 """Internode kernels (NVSHMEM between nodes, NVLink inside) against the reference backend.
 
-All ranks run as processes on one GPU over a gloo group; each declares a virtual node size with
-EP_COMM_RANKS_PER_NODE before creating its Buffers (4 ranks as 2x2, 8 as 2x4 and 4x2), so the
-"RDMA" leg goes through NVSHMEM over P2P and the NVLink leg through nvshmem_ptr. Each rank feeds
-the kernels and a reference Buffer the same seeded inputs (GPU tensors to the kernels, CPU copies
-to the reference): layout and dispatch must match bit for bit, combine within calc_diff 5e-6.
+All ranks run as processes on one GPU (or on the emulated device) over a gloo group; each declares
+a virtual node size with EP_COMM_RANKS_PER_NODE before creating its Buffers (4 ranks as 2x2, 8 as
+2x4 and 4x2). On a GPU the "RDMA" leg goes through NVSHMEM over P2P; on the emulator nvshmem_ptr is
+NULL across emulated nodes, so it takes the put path (puts and signals delivered late and out of
+order by the emulated network) and the NVLink leg uses nvshmem_ptr stores. Each rank feeds the
+kernels and a reference Buffer the same seeded inputs: layout and dispatch must match bit for bit;
+combine sums hierarchically (within a node, then across nodes) and so matches within calc_diff 5e-6,
+deterministically.
 
-Without MPS the ranks' kernels time-slice the GPU, so sizes stay small.
+On a GPU the ranks' kernels time-slice, so sizes stay small.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -20,10 +24,10 @@ import ep_comm
 from ep_comm import fp8
 from ep_comm.config import Config
 from ep_comm.testing import make_inputs
-from common import (DEVICE_TIMEOUT_S, GPU_TEST, KERNELS, close, exact, not_emulated_yet, run_ranks, setup_device,
+from common import (DEVICE_TIMEOUT_S, GPU_TEST, KERNELS, close, exact, run_ranks, setup_device,
                     split, synchronize)
 
-pytestmark = [*GPU_TEST, not_emulated_yet("internode")]
+pytestmark = GPU_TEST
 
 HIDDEN = 256
 SEED = 20261125
@@ -136,6 +140,39 @@ def _check_config(rank, world, kernels, reference, config, seed, device):
     assert torch.equal(kx.cpu(), kx2.cpu()), f"combine is not deterministic (seed {seed})"
 
 
+def _check_capture_refused(rank, world, kernels, reference, device, seed):
+    """Under CUDA-graph capture, dispatch and combine refuse before launching or advancing the call
+    number (a replay would reuse it), and the Buffer works eagerly afterwards. Capture is modelled
+    by the target's is_capturing, so this runs on the emulator too."""
+    num_experts = 4 * world
+    mine = make_inputs(seed + 99, rank, _tokens(rank, world, 7), HIDDEN, 2, num_experts)
+    layout = dict(zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                      kernels.get_dispatch_layout(mine.topk_idx.to(device), num_experts)[:4]))
+    eager = kernels._normal._target
+    k = kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), config=CONFIGS[0], **layout)
+    kernels._normal._target = dataclasses.replace(eager, is_capturing=lambda: True)
+    try:
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            kernels.dispatch(mine.x.to(device), topk_idx=mine.topk_idx.to(device), num_worst_tokens=64,
+                             config=CONFIGS[0], **layout)
+        with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+            kernels.combine(k[0], k[4], config=CONFIGS[0])
+    finally:
+        kernels._normal._target = eager
+    r = reference.dispatch(mine.x, topk_idx=mine.topk_idx, config=CONFIGS[0],
+                           **reference_layout(reference, mine.topk_idx, num_experts))
+    exact("recv_x after refused captures", k[0], r[0], seed)
+    kx, _, _ = kernels.combine(k[0], k[4], config=CONFIGS[0])
+    rx, _, _ = reference.combine(r[0], r[4], config=CONFIGS[0])
+    close("combined_x after refused captures", kx, rx, seed)
+
+
+def reference_layout(reference, topk_idx, num_experts):
+    got = reference.get_dispatch_layout(topk_idx, num_experts)
+    return dict(zip(("num_tokens_per_rank", "num_tokens_per_rdma_rank", "num_tokens_per_expert", "is_token_in_rank"),
+                    got[:4]))
+
+
 def _body(rank, world, group, ranks_per_node, seed):
     os.environ["EP_COMM_RANKS_PER_NODE"] = str(ranks_per_node)
     os.environ["EP_COMM_TIMEOUT_S"] = DEVICE_TIMEOUT_S
@@ -147,6 +184,7 @@ def _body(rank, world, group, ranks_per_node, seed):
     reference = ep_comm.Buffer(group, backend="reference")
     for i, config in enumerate(CONFIGS):
         _check_config(rank, world, kernels, reference, config, seed + i, device)
+    _check_capture_refused(rank, world, kernels, reference, device, seed)
     # A buffer too small for a call is refused on the host, before any launch, naming the size.
     big = Config(num_sms=8, num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256)
     mine = make_inputs(seed, rank, 4, HIDDEN, 2, 4 * world)

@@ -3,7 +3,7 @@
 //
 // Model: every PE owns a symmetric heap (a memfd every rank process maps); nvshmem_ptr gives a
 // peer's mapping unless NVSHMEM_DISABLE_P2P is set (then only the PE's own heap: the network
-// path). Puts, signals and atomics to a peer are *delivered late*: they wait in a queue until a
+// path) or the peer is on another emulated node (EP_COMM_RANKS_PER_NODE PEs per node). Puts, signals and atomics to a peer are *delivered late*: they wait in a queue until a
 // background "network" thread delivers them in a random order, or until the issuing PE's
 // nvshmem_quiet delivers them all. nvshmem_fence orders delivery per destination PE, and a
 // put-with-signal lands its data before its signal, as NVSHMEM promises; nothing else is

@@ -18,7 +18,11 @@ struct Common {
   uint8_t* buffer;              // this rank's symmetric buffer (same offsets on every rank)
   Layout layout;                // laid out for this call's (hidden, channels, ring tokens)
   int rank;
-  uint64_t epoch;               // call number, the same on every rank; tags and flags carry it
+  // The call number, the same on every rank; tags and flags carry it. It lives on the device: notify
+  // advances *epoch_word and the kernels queued after it read it, so a replayed CUDA graph advances
+  // it too. `epoch` is set by each kernel at its start (the host's value is ignored).
+  uint64_t* epoch_word;
+  uint64_t epoch;
   DeviceErrorSlot* error_slot;  // device half of the error slot (runtime/error_slot.hpp)
   long long timeout_ns;
 };

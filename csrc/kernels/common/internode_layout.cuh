@@ -13,7 +13,11 @@
 //   rdma_tail    u64 [N][kMaxChannels]            tokens delivered into rdma_recv[n][c] (ADD by the
 //                                                 writer with each put; zeroed by the reader at the end)
 //   rdma_done    u64 [N][kMaxChannels]            tag(epoch, total tokens) once the writer is done
-//   rdma_head    u64 [N][kMaxChannels]            tag(epoch, slots the reader of MY ring consumed)
+//   rdma_head    u64 [2 parity][N][kMaxChannels]  slots the reader of MY ring consumed (ADD by the
+//                                                 reader: two SETs may land in either order and the
+//                                                 credit would go back); call e uses parity e & 1,
+//                                                 and notify zeroes the other once every peer passed
+//                                                 it (so call e - 1's adds have all landed)
 //   nvl_tail     u64 [R][kMaxChannels]            tag(epoch, done bit | slots written)
 //   nvl_head     u64 [R][kMaxChannels]            tag(epoch, slots consumed)
 //   rdma_send    [N][C][rdma_ring_bytes]          staging of the puts (NVSHMEM sources must be symmetric)
@@ -22,10 +26,11 @@
 //
 // Ring keys (dispatch / combine use the same regions, one call at a time):
 //   dispatch RDMA  src s=(m,l) -> forwarder f=(n,l):  f.rdma_recv[m]  f.rdma_tail[m]  f.rdma_done[m]
-//                                                     s.rdma_send[n]  s.rdma_head[n]
+//                                                     s.rdma_send[n]  s.rdma_head[e & 1][n]
 //   dispatch NVL   f=(n,lf) -> d=(n,ld), source s:    d.nvl_ring[s]   d.nvl_tail[s]   f.nvl_head[ld*N+m(s)]
 //   combine NVL    d=(n,ld) -> f=(n,lf), source s:    f.nvl_ring[ld*N+m(s)]  f.nvl_tail[..]  d.nvl_head[s]
-//   combine RDMA   f=(n,l) -> s=(m,l):                s.rdma_recv[n]  s.rdma_tail[n]  f.rdma_send[m]  f.rdma_head[m]
+//   combine RDMA   f=(n,l) -> s=(m,l):                s.rdma_recv[n]  s.rdma_tail[n]  f.rdma_send[m]
+//                                                     f.rdma_head[e & 1][m]
 #pragma once
 
 #include <cstdint>
@@ -122,7 +127,7 @@ struct Layout {
   }
   EP_IN_HOST_DEVICE int64_t rdma_done_begin() const { return rdma_tail_begin() + counters_bytes_per_node_array(); }
   EP_IN_HOST_DEVICE int64_t rdma_head_begin() const { return rdma_done_begin() + counters_bytes_per_node_array(); }
-  EP_IN_HOST_DEVICE int64_t nvl_tail_begin() const { return rdma_head_begin() + counters_bytes_per_node_array(); }
+  EP_IN_HOST_DEVICE int64_t nvl_tail_begin() const { return rdma_head_begin() + 2 * counters_bytes_per_node_array(); }
   EP_IN_HOST_DEVICE int64_t nvl_head_begin() const {
     return nvl_tail_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kAlign);
   }
@@ -155,8 +160,8 @@ struct Layout {
   EP_IN_HOST_DEVICE int64_t rdma_done(int node, int channel) const {
     return rdma_done_begin() + (int64_t(node) * kMaxChannels + channel) * 8;
   }
-  EP_IN_HOST_DEVICE int64_t rdma_head(int node, int channel) const {
-    return rdma_head_begin() + (int64_t(node) * kMaxChannels + channel) * 8;
+  EP_IN_HOST_DEVICE int64_t rdma_head(int parity, int node, int channel) const {
+    return rdma_head_begin() + parity * counters_bytes_per_node_array() + (int64_t(node) * kMaxChannels + channel) * 8;
   }
   EP_IN_HOST_DEVICE int64_t nvl_tail(int key, int channel) const {
     return nvl_tail_begin() + (int64_t(key) * kMaxChannels + channel) * 8;
