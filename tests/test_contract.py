@@ -1,6 +1,6 @@
 """One contract: the reference backend refuses what the kernels refuse, with the same exception type
 and the same key words. The same cases run on the reference and on the emulated kernels (intranode
-and low-latency; the emulator does not run internode yet), 2 gloo ranks each.
+and low-latency; internode's refusals are checked in tests/gpu/test_internode.py), 2 gloo ranks each.
 """
 from __future__ import annotations
 

@@ -107,12 +107,14 @@ def test_emulated_buffer_refuses_like_the_kernels(monkeypatch):
 
 
 def _multi_node_body(rank, world, group):
-    with pytest.raises(NotImplementedError, match="emulator does not run the internode kernels yet"):
+    # Emulated nodes run the internode kernels (tests/gpu/test_internode.py), which need the NVSHMEM
+    # buffer: refused on every rank, naming the size hint, as a GPU Buffer is.
+    with pytest.raises(ValueError, match="num_rdma_bytes > 0"):
         ep_comm.Buffer(group, num_nvl_bytes=1 << 20, backend="emulated")
 
 
 @needs_emulator
-def test_emulated_multi_node_buffer_is_refused(monkeypatch):
+def test_emulated_multi_node_buffer_without_rdma_bytes_is_refused(monkeypatch):
     monkeypatch.setenv("EP_COMM_RANKS_PER_NODE", "1")
     run_ranks(_multi_node_body, 2)
 
