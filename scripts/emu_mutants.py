@@ -89,7 +89,7 @@ IN_TINY_RINGS = ["--ring-tokens", "2", "--rdma-chunk", "1", "--nvl-chunk", "1"]
 # Many credit signals in flight to one forwarder (8 ranks as 2 x 4, top-2, 4-slot rings): the emulated
 # network delivers them in any order, as an unordered RDMA transport may.
 IN_CREDIT_ORDER = ["--ranks", "8", "--per-node", "4", "--tokens", "37", "--topk", "2", "--experts", "32",
-                   "--channels", "2", "--ring-tokens", "4", "--rdma-chunk", "2", "--nvl-chunk", "2", "--cases", "bf16",
+                   "--channels", "2", "--ring-tokens", "2", "--rdma-chunk", "1", "--nvl-chunk", "1", "--cases", "bf16",
                    "--timeout-s", "15"]
 
 SANITIZER_ENV = {
@@ -323,7 +323,7 @@ MUTANTS: List[Mutant] = [
         "the dispatch forwarder copies slots up to the announced total without waiting for the tail", "internode"),
     Mutant(
         "in_tail_not_acquired", INTERNODE,
-        [("      const int tail = warp_counter(cm.buffer + lay.rdma_tail(m, c), lane);\n",
+        [("      const int tail = warp_network_counter(cm.buffer + lay.rdma_tail(m, c), lane);\n",
           "      const int tail = __shfl_sync(kFullMask, int(ptx::ld_relaxed_sys(reinterpret_cast<const unsigned "
           "long long*>(cm.buffer + lay.rdma_tail(m, c)))), 0);\n")],
         [("thread", IN_TSAN)],

@@ -161,12 +161,13 @@ for v in "${VARIANTS[@]}"; do
       run plain 60 in-r8-4x2 -- --ranks 8 --per-node 2 --seed 3 --tokens 16
       run plain 60 in-r4-4x1-wide EP_COMM_EMU_SCHEDULE=random:5 -- --ranks 4 --per-node 1 --seed 4 --hidden 128 --topk 8 --experts 32
       # fibers in random order and puts that linger up to 1 ms; smallest rings and chunks, 3 channels
+      run plain 60 in-r4-2x2-float-partials -- --ranks 4 --per-node 2 --seed 7 --float-partials
       run plain 60 in-r4-random-slow-net EP_COMM_EMU_SCHEDULE=random:7 EP_COMM_EMU_NVSHMEM_DELAY_US=1000 -- --ranks 4 --per-node 2 --seed 5
       run plain 60 in-r6-3x2-tiny-rings EP_COMM_EMU_SCHEDULE=reverse -- --ranks 6 --per-node 2 --seed 6 --ring-tokens 2 --rdma-chunk 1 --nvl-chunk 1 --channels 3 --sync-each
-      # top-2 over 2 x 4 ranks with 4-slot rings: many credit signals in flight to one forwarder,
+      # top-2 over 2 x 4 ranks with the smallest rings: many credit signals in flight to one forwarder,
       # delivered in any order (credits that were SET, not added, went back and stalled combine)
       for seed in 1 2; do
-        run plain 60 in-r8-2x4-credits-seed$seed -- --ranks 8 --per-node 4 --seed $seed --tokens 37 --topk 2 --experts 32 --channels 2 --ring-tokens 4 --rdma-chunk 2 --nvl-chunk 2
+        run plain 60 in-r8-2x4-credits-seed$seed -- --ranks 8 --per-node 4 --seed $seed --tokens 37 --topk 2 --experts 32 --channels 2 --ring-tokens 2 --rdma-chunk 1 --nvl-chunk 1
       done
       ;;
     address)

@@ -201,7 +201,7 @@ void register_internode(py::module_& m) {
              uintptr_t x, uintptr_t topk_weights, int num_topk, int hidden, uintptr_t rank_matrix,
              uintptr_t recv_src_token, int num_recv_rows, uintptr_t is_token_in_rank, int num_tokens,
              uintptr_t bias0, uintptr_t bias1, uintptr_t out, uintptr_t out_weights, int rdma_chunk, int nvl_chunk,
-             uintptr_t stream) {
+             uintptr_t stream, bool float_partials) {
             in::CombineArgs a{};
             a.x = as_ptr<const void>(x);
             a.topk_weights = as_ptr<const float>(topk_weights);
@@ -218,6 +218,7 @@ void register_internode(py::module_& m) {
             a.out_weights = as_ptr<float>(out_weights);
             a.rdma_chunk = rdma_chunk;
             a.nvl_chunk = nvl_chunk;
+            a.float_partials = float_partials;
             if (num_topk > in::kMaxTopk)
               throw std::invalid_argument("internode combine supports top-k up to " + std::to_string(in::kMaxTopk) +
                                           ", got " + std::to_string(num_topk));
@@ -230,5 +231,6 @@ void register_internode(py::module_& m) {
           py::arg("recv_src_token"), py::arg("num_recv_rows"), py::arg("is_token_in_rank"), py::arg("num_tokens"),
           py::arg("bias0"),
           py::arg("bias1"), py::arg("out"), py::arg("out_weights"), py::arg("rdma_chunk"), py::arg("nvl_chunk"),
-          py::arg("stream"));
+          py::arg("stream"), py::arg("float_partials") = false,
+          "float_partials: node partials cross the network as float32 (default bf16, half the bytes).");
 }

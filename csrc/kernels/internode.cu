@@ -19,7 +19,8 @@
 //                    go to the forwarder of s in my node, NVL ring keyed (my local index, node of s).
 //   forwarder warps  for each source node m: merge the L rings of source s=(m, my local) by token
 //                    (each ring ascending), sum the rows of one token in local-rank order in float32,
-//                    stage the float partial and put it to s (tail ADD with the put).
+//                    stage the partial (bf16, or float32 with float_partials) and put it to s (tail
+//                    ADD with the put).
 //   receiver warps   for each of my tokens (ascending, W warps in rounds): add the partials of the
 //                    nodes the token went to in node order, then the biases, round to bf16.
 //
@@ -60,6 +61,17 @@ __device__ __forceinline__ void st_relaxed_u64(void* ptr, uint64_t value) {
   ptx::st_relaxed_sys(reinterpret_cast<unsigned long long*>(ptr), static_cast<unsigned long long>(value));
 }
 
+// A word the network writes (an NVSHMEM signal: put-with-signal or signal op), read through
+// NVSHMEM, which issues whatever consistency operation the transport needs (proxy-based transports,
+// some IBGDA set-ups) where a raw load would not; the fence then makes it an acquire, so what the
+// signal published is visible. Words peers store through NVLink pointers use ld_acquire_u64.
+__device__ __forceinline__ uint64_t network_signal(const void* ptr) {
+  // NVSHMEM's declaration takes a non-const pointer; the word is only read.
+  const uint64_t word = nvshmem_signal_fetch(const_cast<uint64_t*>(static_cast<const uint64_t*>(ptr)));
+  ptx::fence_acq_rel_sys();
+  return word;
+}
+
 // Value of a tagged word of this epoch, or `fallback` when the word is from an older call.
 __device__ __forceinline__ uint32_t tagged_value(const void* ptr, uint32_t epoch, uint32_t fallback) {
   const uint64_t word = ld_acquire_u64(ptr);
@@ -78,9 +90,20 @@ __device__ __forceinline__ uint32_t warp_tagged_value(const void* ptr, uint32_t 
   __syncwarp();
   return v;
 }
-__device__ __forceinline__ int warp_counter(const void* ptr, int lane) {
+// The same for network-written words: an ADD counter, or a tagged word.
+__device__ __forceinline__ int warp_network_counter(const void* ptr, int lane) {
   int v = 0;
-  if (lane == 0) v = int(ld_acquire_u64(ptr));
+  if (lane == 0) v = int(network_signal(ptr));
+  v = __shfl_sync(0xffffffffu, v, 0);
+  __syncwarp();
+  return v;
+}
+__device__ __forceinline__ uint32_t warp_network_tagged(const void* ptr, uint32_t epoch, uint32_t fallback, int lane) {
+  uint32_t v = 0;
+  if (lane == 0) {
+    const uint64_t word = network_signal(ptr);
+    v = tag_epoch(word) == epoch ? tag_value(word) : fallback;
+  }
   v = __shfl_sync(0xffffffffu, v, 0);
   __syncwarp();
   return v;
@@ -203,18 +226,19 @@ __global__ void notify_kernel(Common cm, NotifyArgs a) {
   for (int src = threadIdx.x; src < num_ranks && !failed; src += blockDim.x) {
     const void* flag = cm.buffer + lay.notify_flag(parity, src);
     const long long start = global_timer_ns();
-    uint64_t word = ld_acquire_u64(flag);
+    unsigned spins = 0;
+    uint64_t word = network_signal(flag);
     while (tag_epoch(word) != epoch32) {
       if (spin_timed_out(start, cm.timeout_ns)) {
         report_timeout(cm.error_slot, cm.rank, kPhaseInternodeNotify, src, (long long)word);
         failed = true;
         break;
       }
-      if (error_reported(cm.error_slot)) {
+      if (++spins % Watchdog::kErrorPollSpins == 0 && error_reported(cm.error_slot)) {  // host memory: PCIe
         failed = true;
         break;
       }
-      word = ld_acquire_u64(flag);
+      word = network_signal(flag);
     }
     if (!failed && tag_value(word) != a.signature) {
       report_error(cm.error_slot, kErrorInvalidInput, cm.rank, kPhaseInternodeNotify, src, tag_value(word));
@@ -319,7 +343,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
       all_done = false;
       const int forwarder = n * L + my_local;
       int sent = sh.send_count[n];
-      const int head = warp_counter(cm.buffer + lay.rdma_head(parity, n, c), lane);
+      const int head = warp_network_counter(cm.buffer + lay.rdma_head(parity, n, c), lane);
       const int batch_begin = sent;
       uint8_t* staging = cm.buffer + lay.rdma_send(n, c);
       while (t < te && sent - batch_begin < a.rdma_chunk && sent - head < capacity) {
@@ -404,8 +428,8 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
       all_done = false;
       const int source = m * L + my_local;
       int total = sh.fwd_total[m];
-      if (total < 0) total = int(warp_tagged_value(cm.buffer + lay.rdma_done(m, c), epoch, uint32_t(-1), lane));
-      const int tail = warp_counter(cm.buffer + lay.rdma_tail(m, c), lane);
+      if (total < 0) total = int(warp_network_tagged(cm.buffer + lay.rdma_done(m, c), epoch, uint32_t(-1), lane));
+      const int tail = warp_network_counter(cm.buffer + lay.rdma_tail(m, c), lane);
       int consumed = sh.fwd_consumed[m];
       // Lane l < L tracks the NVL ring (source, c) at local rank l.
       int nvl_sent = 0, nvl_head = 0;
@@ -740,7 +764,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       all_done = false;
       const int source = m * L + my_local;
       int sent = sh.fwd_sent[m];
-      const int head = warp_counter(cm.buffer + lay.rdma_head(parity, m, c), lane);
+      const int head = warp_network_counter(cm.buffer + lay.rdma_head(parity, m, c), lane);
       // Lane l < L reads the ring written by local rank l for this source.
       const uint8_t* ring = lane < L ? cm.buffer + lay.nvl_ring(lane * N + m, c) : nullptr;
       int consumed = lane < L ? sh.fwd_consumed[m * L + lane] : 0;
@@ -770,7 +794,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
         __syncwarp();
         uint8_t* dst = staging + int64_t(sent % rdma_capacity) * rdma_slot_bytes;
         if (lane == 0) reinterpret_cast<int*>(dst)[0] = smallest;
-        // Sum in local-rank order, float32: 8 bf16 in, 8 floats out per step.
+        // Sum in local-rank order, float32: 8 bf16 in, 8 partial elements out per step.
         for (int i = lane; i < a.hidden / 8; i += 32) {
           float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           for (unsigned bits = take; bits != 0; bits &= bits - 1) {
@@ -780,11 +804,19 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
 #pragma unroll
             for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
           }
-          auto* out = reinterpret_cast<int4*>(dst + rdma_slot.payload_offset() + int64_t(i) * 32);
-          ptx::st_na_global(out, make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]),
-                                           __float_as_int(acc[3])));
-          ptx::st_na_global(out + 1, make_int4(__float_as_int(acc[4]), __float_as_int(acc[5]), __float_as_int(acc[6]),
-                                               __float_as_int(acc[7])));
+          if (a.float_partials) {
+            auto* out = reinterpret_cast<int4*>(dst + rdma_slot.payload_offset() + int64_t(i) * 32);
+            ptx::st_na_global(out, make_int4(__float_as_int(acc[0]), __float_as_int(acc[1]), __float_as_int(acc[2]),
+                                             __float_as_int(acc[3])));
+            ptx::st_na_global(out + 1, make_int4(__float_as_int(acc[4]), __float_as_int(acc[5]),
+                                                 __float_as_int(acc[6]), __float_as_int(acc[7])));
+          } else {
+            int4 packed;
+            auto* o = reinterpret_cast<__nv_bfloat16*>(&packed);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) o[j] = __float2bfloat16_rn(acc[j]);
+            ptx::st_na_global(reinterpret_cast<int4*>(dst + rdma_slot.payload_offset() + int64_t(i) * 16), packed);
+          }
         }
         if (lane < a.num_topk) {
           float w = 0.0f;
@@ -870,7 +902,7 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
           for (int w = 0; w < warp; ++w) p += sh.recv_hit[w * N + n];
           const long long start = global_timer_ns();
           unsigned spins = 0;
-          while (!*abort && int(ld_acquire_u64(cm.buffer + lay.rdma_tail(n, c))) <= p) {
+          while (!*abort && int(network_signal(cm.buffer + lay.rdma_tail(n, c))) <= p) {
             if (spin_timed_out(start, cm.timeout_ns)) {
               report_timeout(cm.error_slot, cm.rank, kPhaseCombineRecv, n * L + my_local, t);
               *abort = 1;
@@ -898,13 +930,21 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
         for (int n = 0; n < N; ++n) {
           const int p = pos[n];
           if (p < 0) continue;
-          const uint8_t* src = cm.buffer + lay.rdma_recv(n, c) + int64_t(p % capacity) * slot_bytes +
-                               slot.payload_offset() + int64_t(i) * 32;
-          const int4 lo = ld_volatile_v4(src), hi = ld_volatile_v4(src + 16);
-          acc[0] += __int_as_float(lo.x), acc[1] += __int_as_float(lo.y);
-          acc[2] += __int_as_float(lo.z), acc[3] += __int_as_float(lo.w);
-          acc[4] += __int_as_float(hi.x), acc[5] += __int_as_float(hi.y);
-          acc[6] += __int_as_float(hi.z), acc[7] += __int_as_float(hi.w);
+          const uint8_t* slot_payload = cm.buffer + lay.rdma_recv(n, c) + int64_t(p % capacity) * slot_bytes +
+                                        slot.payload_offset();
+          if (a.float_partials) {
+            const uint8_t* src = slot_payload + int64_t(i) * 32;
+            const int4 lo = ld_volatile_v4(src), hi = ld_volatile_v4(src + 16);
+            acc[0] += __int_as_float(lo.x), acc[1] += __int_as_float(lo.y);
+            acc[2] += __int_as_float(lo.z), acc[3] += __int_as_float(lo.w);
+            acc[4] += __int_as_float(hi.x), acc[5] += __int_as_float(hi.y);
+            acc[6] += __int_as_float(hi.z), acc[7] += __int_as_float(hi.w);
+          } else {
+            const int4 v = ld_volatile_v4(slot_payload + int64_t(i) * 16);
+            const auto* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+          }
         }
         const int64_t base = int64_t(t) * a.hidden + int64_t(i) * 8;
         if (bias0 != nullptr) {
@@ -972,7 +1012,7 @@ combine_kernel(Common cm, CombineArgs a) {
   for (int l = 0; l < L; ++l) peers_ok = peers_ok && sh.peer_base[l] != nullptr;
 
   const CombineSlot nvl_slot(int64_t(a.hidden) * 2, a.num_topk);
-  const CombineSlot rdma_slot(int64_t(a.hidden) * 4, a.num_topk);
+  const CombineSlot rdma_slot(int64_t(a.hidden) * combine_partial_bytes(a.float_partials), a.num_topk);
   const int64_t nvl_slot_bytes = nvl_slot.bytes(), rdma_slot_bytes = rdma_slot.bytes();
   const int nvl_capacity = lay.nvl_capacity(nvl_slot_bytes);
   const int rdma_capacity = lay.rdma_capacity(rdma_slot_bytes);
@@ -1018,7 +1058,7 @@ void launch_dispatch(const Common& common, const DispatchArgs& args, cudaStream_
 void launch_combine(const Common& common, const CombineArgs& args, cudaStream_t stream) {
   const Layout& lay = common.layout;
   const CombineSlot nvl_slot(int64_t(args.hidden) * 2, args.num_topk);
-  const CombineSlot rdma_slot(int64_t(args.hidden) * 4, args.num_topk);
+  const CombineSlot rdma_slot(int64_t(args.hidden) * combine_partial_bytes(args.float_partials), args.num_topk);
   EP_HOST_ASSERT(lay.rdma_capacity(rdma_slot.bytes()) >= 1 && lay.nvl_capacity(nvl_slot.bytes()) >= 1,
                  "internode combine: a token does not fit the rings");
   const int64_t smem = combine_smem_bytes(lay.num_ranks, lay.ranks_per_node);

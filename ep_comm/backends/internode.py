@@ -27,14 +27,14 @@ undefined: destroy the Buffers on all ranks and create new ones.
 from __future__ import annotations
 
 import contextlib
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 import torch
-import torch.distributed as dist
 
-from ep_comm import _ext
+from ep_comm import agreement
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput,
                                    destroy_at_exit)
@@ -61,6 +61,10 @@ def _ptr(t: Optional[torch.Tensor]) -> int:
 def _aligned16(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _signature(*fields) -> int:
@@ -111,8 +115,7 @@ class InternodeBackend(Backend):
             self._C.nvshmem_release()
         # The NVLink leg stores through nvshmem_ptr: every rank must map its node's peers.
         mapped = self._runtime.local_peers_mapped()
-        everyone: List[Optional[bool]] = [None] * ctx.num_ranks
-        dist.all_gather_object(everyone, mapped, group=ctx.group)
+        everyone: List[Optional[bool]] = agreement.all_gather_object(mapped, ctx, "internode setup: peers mapped")
         if not all(everyone):
             bad = [r for r, ok in enumerate(everyone) if not ok]
             self._runtime.destroy()
@@ -121,7 +124,7 @@ class InternodeBackend(Backend):
                                f"NULL); ranks_per_node={ctx.ranks_per_node} must match the NVLink domain "
                                "(EP_COMM_RANKS_PER_NODE), and NVSHMEM's P2P transport must be enabled")
         # Peers write into this rank's buffer from their first call on: only after all zeroed theirs.
-        dist.barrier(group=ctx.group)
+        agreement.barrier(ctx, "internode setup: buffers zeroed")
         destroy_at_exit(self, ctx.timeout_s)
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -339,13 +342,16 @@ class InternodeBackend(Backend):
             combined_weights = (torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self._device)
                                 if weights is not None else None)
             stream = self._stream()
-            signature = _signature("combine", hidden, num_topk, num_channels, ring_tokens)
+            # Node partials cross the network as bf16 (DeepEP's bytes) unless asked for float32.
+            float_partials = _env_flag("EP_COMM_INTERNODE_FLOAT_PARTIALS")
+            signature = _signature("combine", hidden, num_topk, num_channels, ring_tokens, float_partials)
             self._runtime.notify(hidden * 2, num_channels, ring_tokens, 0, 0, 0, num_tokens, 0, 0, 0, stream,
                                  signature)
             self._runtime.combine(hidden * 2, num_channels, ring_tokens, _ptr(x), _ptr(weights), num_topk, hidden,
                                   _ptr(state.rank_matrix), _ptr(state.recv_src_token), handle.num_recv_rows,
                                   _ptr(state.is_token_in_rank), num_tokens, _ptr(bias0), _ptr(bias1), _ptr(combined_x), _ptr(combined_weights),
-                                  config.num_max_rdma_chunked_send_tokens, config.num_max_nvl_chunked_send_tokens, stream)
+                                  config.num_max_rdma_chunked_send_tokens, config.num_max_nvl_chunked_send_tokens, stream,
+                                  float_partials)
             return combined_x, combined_weights
 
     # ---- teardown --------------------------------------------------------------------------------

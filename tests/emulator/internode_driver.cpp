@@ -31,8 +31,8 @@
 // mine), recv_src_token in the documented row order (source rank major, ascending token within a
 // source: row = rows before mine from lower sources + my index among this source's tokens for the
 // rank); the combined rows and weights in the kernels' summation order: per destination node the
-// rows of its local ranks in local-rank order in float32 from 0 (the forwarder), then those node
-// partials in node order from 0 (the source's receiver), then bias0, then bias1, one rounding to
+// rows of its local ranks in local-rank order in float32 from 0 (the forwarder), rounded to bf16
+// (unless --float-partials), then those node partials in node order from 0 (the source's receiver), then bias0, then bias1, one rounding to
 // bf16. That order is the kernels' by construction, so the comparison is exact, not a tolerance.
 //
 // Exit status: 0 everything matched; 1 a mismatch; 2 bad usage; 3 an emulated-device fault
@@ -95,6 +95,7 @@ struct Options {
   double timeout_s = 20.0;  // the kernels' own device timeout
   double deadline_s = 0.0;  // the driver's: 0 = 600 s
   bool sync_each = false;   // synchronise after every kernel (as the Python backend on the emulator)
+  bool float_partials = false;  // combine's node partials cross the network as float32 (else bf16)
   int max_reports = 8;
   bool verbose = false;
 };
@@ -103,7 +104,7 @@ void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--ranks R] [--per-node L] [--tokens T] [--hidden H] [--experts E] [--topk K] [--seed S]\n"
                "          [--channels C] [--ring-tokens N] [--rdma-chunk N] [--nvl-chunk N] [--sms N] [--cases CASES]\n"
-               "          [--timeout-s T] [--deadline-s D] [--sync-each] [--max-reports M] [--verbose]\n"
+               "          [--timeout-s T] [--deadline-s D] [--sync-each] [--float-partials] [--max-reports M] [--verbose]\n"
                "cases: bf16, fp8, cached, worst (default: all)\n"
                "--per-node L: ranks per emulated node (R = nodes x L); same-node peers are mapped (NVLink leg),\n"
                "  the others reached only through NVSHMEM puts (RDMA leg)\n"
@@ -131,6 +132,7 @@ bool parse(int argc, char** argv, Options& o) {
     else if (a == "--deadline-s") o.deadline_s = std::atof(value());
     else if (a == "--max-reports") o.max_reports = std::atoi(value());
     else if (a == "--sync-each") o.sync_each = true;
+    else if (a == "--float-partials") o.float_partials = true;
     else if (a == "--verbose") o.verbose = true;
     else if (a == "--cases") {
       o.cases = split_list(value());
@@ -400,7 +402,8 @@ void expect_case(World& w, int ci) {
           for (int k = 0; c.combine_weights && k < K; ++k) wpartial[k] += rs[d].comb_w[size_t(row) * K + k];
         }
         if (!hit) continue;
-        for (int h = 0; h < H; ++h) acc[h] += partial[h];
+        // The forwarder's partial crosses the network rounded to bf16 unless --float-partials.
+        for (int h = 0; h < H; ++h) acc[h] += w.opt.float_partials ? partial[h] : from_bf16(to_bf16(partial[h]));
         for (int k = 0; k < K; ++k) wacc[k] += wpartial[k];
       }
       for (int h = 0; h < H; ++h) {
@@ -613,6 +616,7 @@ class RankRun {
       a.out_weights = d_out_w;
       a.rdma_chunk = o_.rdma_chunk;
       a.nvl_chunk = o_.nvl_chunk;
+      a.float_partials = o_.float_partials;
       rt_.combine(basis, C, o_.ring_tokens, a, nullptr);
     }
     // ---- compare ----

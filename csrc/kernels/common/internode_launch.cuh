@@ -79,7 +79,13 @@ struct CombineArgs {
   float* out_weights;                // [N, K] or null
   int rdma_chunk;
   int nvl_chunk;
+  // Node partials cross the network as float32 (4 bytes per element); otherwise as bf16 (2 bytes,
+  // as DeepEP sends them: half the bytes on the NIC, one more rounding). Every rank must agree.
+  bool float_partials;
 };
+
+// Bytes of one hidden element of a node partial in the combine's RDMA ring.
+inline constexpr int combine_partial_bytes(bool float_partials) { return float_partials ? 4 : 2; }
 
 // Warps per block (one block per channel), by role.
 constexpr int kDispatchSendWarps = 4;
