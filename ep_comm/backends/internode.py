@@ -26,11 +26,10 @@ undefined: destroy the Buffers on all ranks and create new ones.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -107,7 +106,7 @@ class InternodeBackend(Backend):
 
         nvshmem.acquire(ctx, self._C, target.device_index)
         try:
-            with self._on_device():
+            with self._target.on_device():
                 self._runtime = self._C.InternodeRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
                                                          ctx.ranks_per_node, ctx.timeout_s)
         finally:
@@ -145,19 +144,6 @@ class InternodeBackend(Backend):
 
     def _stream(self) -> int:
         return self._target.stream()
-
-    def _on_device(self):
-        """The CUDA device as current (NVSHMEM and the runtime bind to it); nothing on the emulator."""
-        return contextlib.nullcontext() if self._target.emulated else torch.cuda.device(self._device)
-
-    @contextlib.contextmanager
-    def _op(self) -> Iterator[None]:
-        """Wraps the body of every op: at its end, raised or not, the target's after_op runs (on the
-        emulator, a synchronize) while the op's locals (contiguous copies, outputs) are still alive."""
-        try:
-            yield
-        finally:
-            self._target.after_op()
 
     def _refuse_capture(self, what: str) -> None:
         """Graph replays of internode calls have never run on a GPU (the call number is kept on the
@@ -213,7 +199,7 @@ class InternodeBackend(Backend):
     # ---- dispatch --------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
         # Temporaries stay alive until after_op (the emulator's synchronize) has run.
-        with self._op():
+        with self._target.op():
             self._check()
             self._refuse_capture("dispatch")
             num_ranks = self.ctx.num_ranks
@@ -318,7 +304,7 @@ class InternodeBackend(Backend):
     # ---- combine ---------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias: List[torch.Tensor], config: Config):
-        with self._op():
+        with self._target.op():
             self._check()
             self._refuse_capture("combine")
             if handle.backend != self.name:
@@ -362,7 +348,7 @@ class InternodeBackend(Backend):
         self._destroyed = True
         runtime, self._runtime = self._runtime, None
         if runtime is not None:
-            with self._on_device():
+            with self._target.on_device():
                 if not self._target.emulated:
                     torch.cuda.synchronize(self._device)
                 runtime.destroy()

@@ -29,11 +29,10 @@ exit destroys what is left.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import weakref
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -150,15 +149,6 @@ class IntranodeBackend(Backend):
     def _stream(self) -> int:
         return self._target.stream()
 
-    @contextlib.contextmanager
-    def _op(self) -> Iterator[None]:
-        """Wraps the body of every op: at its end, raised or not, the target's after_op runs (on the
-        emulator, a synchronize) while the op's locals (contiguous copies, outputs) are still alive."""
-        try:
-            yield
-        finally:
-            self._target.after_op()
-
     def _num_channels(self, config: Config) -> int:
         num_channels = config.num_sms // 2
         max_channels = self._C.INTRANODE_MAX_CHANNELS
@@ -183,7 +173,7 @@ class IntranodeBackend(Backend):
 
     # ---- layout ----------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
-        with self._op():
+        with self._target.op():
             return self._get_dispatch_layout(topk_idx, num_experts)
 
     def _get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -200,7 +190,7 @@ class IntranodeBackend(Backend):
 
     # ---- dispatch --------------------------------------------------------------------------------
     def dispatch(self, args: DispatchArgs) -> DispatchOutput:
-        with self._op():
+        with self._target.op():
             return self._dispatch(args)
 
     def _dispatch(self, args: DispatchArgs) -> DispatchOutput:
@@ -296,7 +286,7 @@ class IntranodeBackend(Backend):
     # ---- combine ---------------------------------------------------------------------------------
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                 bias: List[torch.Tensor], config: Config):
-        with self._op():
+        with self._target.op():
             return self._combine(x, handle, topk_weights, bias, config)
 
     def _combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],

@@ -14,7 +14,6 @@ Rules it keeps so that calls can be captured in a CUDA graph and replayed:
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
@@ -86,7 +85,7 @@ class LowLatencyBackend(Backend):
 
         nvshmem.acquire(ctx, self._C, target.device_index)
         try:
-            with self._on_device():
+            with self._target.on_device():
                 self._runtime = self._C.LowLatencyRuntime(ctx.num_rdma_bytes, ctx.rank, ctx.num_ranks,
                                                           ctx.allow_nvlink_for_low_latency_mode, ctx.timeout_s)
         except BaseException:
@@ -106,7 +105,7 @@ class LowLatencyBackend(Backend):
         self._combine_views.clear()
         if self._runtime is None:
             return
-        with self._on_device():
+        with self._target.on_device():
             self._synchronize()
             self._runtime.destroy()
         self._C.nvshmem_release()
@@ -175,10 +174,6 @@ class LowLatencyBackend(Backend):
 
     def _end_op(self, seq: int) -> None:
         self._pending_receives.discard(seq)
-
-    def _on_device(self):
-        """The CUDA device made current for a call into the runtime (nothing to do on the emulator)."""
-        return contextlib.nullcontext() if self._target.emulated else torch.cuda.device(self.device)
 
     def _synchronize(self) -> None:
         """Waits for this rank's device (raises on the emulator if it faulted)."""
@@ -333,7 +328,7 @@ class LowLatencyBackend(Backend):
             raise ValueError(f"clean_low_latency_buffer({num_max_dispatch_tokens_per_rank}, {hidden}, {num_experts}): "
                              f"these sizes need num_rdma_bytes >= {needed}, but this Buffer has "
                              f"{self.ctx.num_rdma_bytes}")
-        with self._on_device():
+        with self._target.on_device():
             self._synchronize()
             # Receive kernels do not quiet their acks; deliver them before the barrier, so no
             # peer's ack can land after our reset below.

@@ -11,9 +11,10 @@ temporaries) after the kernels.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 
@@ -41,6 +42,19 @@ class KernelTarget:
     @property
     def emulated(self) -> bool:
         return self.kind == "emulated"
+
+    @contextlib.contextmanager
+    def op(self) -> Iterator[None]:
+        """Wraps the body of an op: at its end, raised or not, after_op runs (on the emulator, a
+        synchronize) while the op's locals (contiguous copies, outputs) are still alive."""
+        try:
+            yield
+        finally:
+            self.after_op()
+
+    def on_device(self):
+        """The CUDA device made current for a call into the runtime; nothing on the emulator."""
+        return contextlib.nullcontext() if self.emulated else torch.cuda.device(self.device)
 
     def require_family(self, family: str) -> None:
         """NotImplementedError (a RuntimeError) if this target cannot run `family` yet."""
