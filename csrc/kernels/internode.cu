@@ -150,6 +150,13 @@ __device__ __forceinline__ void put_ring_range(uint8_t* staging, uint8_t* remote
   }
 }
 
+// Slots of a ring this rank writes in place (its own node's forwarder, or source, is itself: the
+// ring is local, so no staging copy and no put): a release add on the tail publishes them, as a
+// put-with-signal's ADD would. The slots' stores were fenced by every lane and the warp synced.
+__device__ __forceinline__ void publish_in_place(void* tail, int count, int lane) {
+  if (lane == 0) ptx::red_add_release_sys(static_cast<unsigned long long*>(tail), static_cast<unsigned long long>(count));
+}
+
 // An error recorded before this kernel started (a notify timeout or layout mismatch, more rows than
 // num_worst_tokens in an earlier dispatch whose combine is queued without a host check, ...) means
 // the counts this kernel would trust are garbage: e.g. combine would read x and recv_src_token past
@@ -345,7 +352,9 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
       int sent = sh.send_count[n];
       const int head = warp_network_counter(cm.buffer + lay.rdma_head(parity, n, c), lane);
       const int batch_begin = sent;
-      uint8_t* staging = cm.buffer + lay.rdma_send(n, c);
+      // Tokens for my own node go to my own forwarder (myself): write its ring directly.
+      const bool in_place = forwarder == cm.rank;
+      uint8_t* staging = cm.buffer + (in_place ? lay.rdma_recv(my_node, c) : lay.rdma_send(n, c));
       while (t < te && sent - batch_begin < a.rdma_chunk && sent - head < capacity) {
         int dst_row = -1;
         if (lane < L) {
@@ -374,9 +383,12 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
       if (sent > batch_begin) {
         ptx::fence_acq_rel_sys();  // staged bytes visible to whoever executes the put
         __syncwarp();
-        put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), slot_bytes, capacity, batch_begin,
-                       sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)),
-                       forwarder, lane);
+        if (in_place)
+          publish_in_place(cm.buffer + lay.rdma_tail(my_node, c), sent - batch_begin, lane);
+        else
+          put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), slot_bytes, capacity, batch_begin,
+                         sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)),
+                         forwarder, lane);
       }
       if (t != sh.send_next[n]) progressed = true;
       if (t == te) {
@@ -769,7 +781,9 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       const uint8_t* ring = lane < L ? cm.buffer + lay.nvl_ring(lane * N + m, c) : nullptr;
       int consumed = lane < L ? sh.fwd_consumed[m * L + lane] : 0;
       const int consumed_before = consumed;
-      uint8_t* staging = cm.buffer + lay.rdma_send(m, c);
+      // My own node's partials go to the source in my own node, myself: write my ring directly.
+      const bool in_place = source == cm.rank;
+      uint8_t* staging = cm.buffer + (in_place ? lay.rdma_recv(my_node, c) : lay.rdma_send(m, c));
       const int batch_begin = sent;
       bool finished = false;
       while (sent - batch_begin < a.rdma_chunk && sent - head < rdma_capacity) {
@@ -833,9 +847,12 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       if (sent > batch_begin) {
         ptx::fence_acq_rel_sys();
         __syncwarp();
-        put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), rdma_slot_bytes, rdma_capacity, batch_begin,
-                       sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)), source,
-                       lane);
+        if (in_place)
+          publish_in_place(cm.buffer + lay.rdma_tail(my_node, c), sent - batch_begin, lane);
+        else
+          put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), rdma_slot_bytes, rdma_capacity,
+                         batch_begin, sent - batch_begin,
+                         reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)), source, lane);
         progressed = true;
       }
       // Hand consumed NVL slots back to their writers.
