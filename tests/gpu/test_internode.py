@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import pytest
 import torch
@@ -211,3 +212,83 @@ def _body(rank, world, group, ranks_per_node, seed, float_partials):
 def test_internode_matches_reference(world, ranks_per_node, float_partials):
     run_ranks(_body, world, timeout_s=400.0, ranks_per_node=ranks_per_node, seed=SEED + world * 10 + ranks_per_node,
               float_partials=float_partials)
+
+
+# ---- errors: a rank alone times out, a mismatch is reported by every rank --------------------------
+
+def _failure_buffer(rank, world, group, ranks_per_node, timeout_s):
+    """A small internode kernel Buffer whose device waits give up after `timeout_s`, with the host
+    agreement off: these cases test the kernels' own checks."""
+    os.environ["EP_COMM_RANKS_PER_NODE"] = str(ranks_per_node)
+    os.environ["EP_COMM_TIMEOUT_S"] = str(timeout_s)
+    os.environ["EP_COMM_AGREE"] = "0"
+    num_rdma_bytes = CONFIGS[0].get_rdma_buffer_size_hint(HIDDEN * 2, world)
+    return ep_comm.Buffer(group, num_nvl_bytes=0, num_rdma_bytes=num_rdma_bytes, backend=KERNELS)
+
+
+def _layout(buffer, topk_idx, num_experts):
+    got = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return dict(num_tokens_per_rank=got[0], num_tokens_per_rdma_rank=got[1], num_tokens_per_expert=got[2],
+                is_token_in_rank=got[3])
+
+
+def _timeout_body(rank, world, group, seed):
+    """Rank 0 dispatches alone: its notify gives up after EP_COMM_TIMEOUT_S naming rank, phase and a
+    peer, as EpCommTimeout; the error is sticky."""
+    device = setup_device(rank)
+    num_experts = 4 * world
+    mine = make_inputs(seed, rank, 12, HIDDEN, 2, num_experts)
+    x, idx = mine.x.to(device), mine.topk_idx.to(device)
+    buffer = _failure_buffer(rank, world, group, 2, 3)
+    layout = _layout(buffer, idx, num_experts)
+    if rank == 0:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as info:
+            buffer.dispatch(x, topk_idx=idx, config=CONFIGS[0], **layout)
+        message = str(info.value)
+        assert "rank 0" in message and "internode-notify" in message and "peer" in message, message
+        assert isinstance(info.value, ep_comm.EpCommTimeout), type(info.value)
+        assert time.monotonic() - start >= 2.5, "the notify gave up before EP_COMM_TIMEOUT_S"
+        with pytest.raises(RuntimeError):  # sticky: the buffer is out of step with its peers
+            buffer.dispatch(x, topk_idx=idx, config=CONFIGS[0], **layout)
+    synchronize()
+    dist.barrier(group)
+    buffer.destroy()
+
+
+def test_internode_timeout_names_rank_phase_and_peer():
+    run_ranks(_timeout_body, 4, seed=SEED + 1, timeout_s=300)
+
+
+def _mismatch_body(rank, world, group, seed):
+    """Rank 0 combines with top-k weights, the others without: the combine rings would differ. Every
+    rank's notify sees a peer's signature differ and reports it, well before the timeout."""
+    device = setup_device(rank)
+    num_experts = 4 * world
+    mine = make_inputs(seed, rank, 12, HIDDEN, 2, num_experts)
+    x, idx, w = mine.x.to(device), mine.topk_idx.to(device), mine.topk_weights.to(device)
+    buffer = _failure_buffer(rank, world, group, 2, 60)
+    try:
+        layout = _layout(buffer, idx, num_experts)
+        recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, topk_idx=idx, topk_weights=w, config=CONFIGS[0],
+                                                          **layout)
+        synchronize()
+        dist.barrier(group)
+        start = time.monotonic()
+        try:
+            buffer.combine(recv_x, handle, topk_weights=recv_w if rank == 0 else None, config=CONFIGS[0])
+        except RuntimeError:
+            pass  # may be raised here already; check_errors raises it again (sticky)
+        synchronize()
+        with pytest.raises(RuntimeError) as info:
+            buffer.check_errors()
+        message = str(info.value)
+        assert "invalid input" in message and "internode-notify" in message and "peer" in message, message
+        assert time.monotonic() - start < 30, f"the mismatch took a timeout to surface: {message}"
+        dist.barrier(group)
+    finally:
+        buffer.destroy()
+
+
+def test_internode_mismatch_is_reported_by_every_rank():
+    run_ranks(_mismatch_body, 4, seed=SEED + 2, timeout_s=300)
