@@ -269,7 +269,9 @@ MUTANTS: List[Mutant] = [
         "ll_dispatch_slot_stride", LL_LAYOUT,
         [("((local_expert * num_ranks + src) * num_max_tokens + slot) * slot_bytes",
           "((local_expert * num_ranks + src) * (num_max_tokens - 1) + slot) * slot_bytes")],
-        [("plain", LL_PLAIN)],
+        [("plain", LL_PLAIN + ["--cases", "full"]), ("plain", LL_PLAIN + ["--cases", "full", "--seed", "2"]),
+         ("plain", LL_PLAIN + ["--cases", "full", "--ranks", "3", "--seed", "3"]),
+         ("plain", LL_PLAIN_PUT + ["--cases", "full", "--seed", "4"])],
         "dispatch_recv regions are T-1 slots apart: a source's slot T-1 is the next source's slot 0", "low_latency"),
     Mutant(
         "ll_combine_row_stride", LL_LAYOUT,
@@ -352,7 +354,8 @@ MUTANTS: List[Mutant] = [
         "in_combine_credit_set", INTERNODE,
         [("uint64_t(added), NVSHMEM_SIGNAL_ADD, n * L + my_local);",
           "uint64_t(sh.recv_base[n]), NVSHMEM_SIGNAL_SET, n * L + my_local);")],
-        [("plain", IN_CREDIT_ORDER + ["--seed", "1"]), ("plain", IN_CREDIT_ORDER + ["--seed", "2"])],
+        [("plain", IN_CREDIT_ORDER + ["--seed", "1"]), ("plain", IN_CREDIT_ORDER + ["--seed", "2"]),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "3"])],
         "the combine receiver SETs its running credit instead of adding: two SETs may land in either order, the "
         "credit goes back and the forwarder stalls", "internode"),
     Mutant(
