@@ -354,8 +354,11 @@ MUTANTS: List[Mutant] = [
         "in_combine_credit_set", INTERNODE,
         [("uint64_t(added), NVSHMEM_SIGNAL_ADD, n * L + my_local);",
           "uint64_t(sh.recv_base[n]), NVSHMEM_SIGNAL_SET, n * L + my_local);")],
-        [("plain", IN_CREDIT_ORDER + ["--seed", "1"]), ("plain", IN_CREDIT_ORDER + ["--seed", "2"]),
-         ("plain", IN_CREDIT_ORDER + ["--seed", "3"])],
+        [("plain", IN_CREDIT_ORDER + ["--seed", "1"], SLOW_NETWORK),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "2"], SLOW_NETWORK),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "3"], SLOW_NETWORK), ("plain", IN_CREDIT_ORDER + ["--seed", "4"]),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "5"], {"EP_COMM_EMU_SCHEDULE": "random:5", **SLOW_NETWORK}),
+         ("plain", IN_CREDIT_ORDER + ["--seed", "6"], {"EP_COMM_EMU_SCHEDULE": "random:6"})],
         "the combine receiver SETs its running credit instead of adding: two SETs may land in either order, the "
         "credit goes back and the forwarder stalls", "internode"),
     Mutant(
