@@ -8,6 +8,7 @@ returns is sent back through a queue and returned by :func:`run_ranks`.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -39,6 +40,11 @@ def _worker(rank: int, world: int, port: int, timeout_s: float, body: Callable, 
                                 timeout=datetime.timedelta(seconds=timeout_s))
         try:
             result = body(rank, world, dist.group.WORLD, **kwargs)
+            # Tear down together, with no Buffer left to free after the group is gone: a gloo group
+            # destroyed while a peer still uses its connections, or freed at interpreter exit,
+            # aborts the process now and then ("terminate called without an active exception").
+            gc.collect()
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         if rank == 0:
