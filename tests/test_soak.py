@@ -57,8 +57,9 @@ def _normal_round(rank, buffer, rng, seed, tag):
     if plain:
         result = ep_comm.dispatch(x, mine.topk_idx, weights, num_experts=NUM_EXPERTS, expert_alignment=alignment,
                                   num_worst_tokens=num_worst)
-        recv_x, recv_idx, recv_w, per_expert, handle = (result.recv_x, result.recv_topk_idx, result.recv_topk_weights,
-                                                        result.num_recv_tokens_per_expert, result.handle)
+        recv_x, recv_idx, recv_w, per_expert, handle = (result.recv_x_buffer_form, result.recv_topk_idx,
+                                                        result.recv_topk_weights,
+                                                        result.num_recv_tokens_per_expert_list, result.handle)
     else:
         layout = buffer.get_dispatch_layout(mine.topk_idx, NUM_EXPERTS)
         recv_x, recv_idx, recv_w, per_expert, handle, _ = buffer.dispatch(
