@@ -18,8 +18,8 @@ import threading
 from types import ModuleType
 from typing import Callable, Optional
 
-__all__ = ["load", "available", "unavailable_reason", "gpu_available", "layout_function", "require",
-           "load_emulated", "emulated_available", "emulated_unavailable_reason", "require_emulated"]
+__all__ = ["load", "available", "unavailable_reason", "gpu_available", "compiled_cuda_archs", "layout_function",
+           "require", "load_emulated", "emulated_available", "emulated_unavailable_reason", "require_emulated"]
 
 _logger = logging.getLogger("ep_comm")
 _warned = False
@@ -137,6 +137,17 @@ def layout_function(name: str) -> Optional[Callable]:
         if mod is None:
             return None
     return getattr(mod, name, None)
+
+
+def compiled_cuda_archs() -> list[str]:
+    """The architectures ``ep_comm._C`` was built for (``EP_COMM_CUDA_ARCHS`` at build time, e.g.
+    ``["90", "100a"]``; a ``+PTX`` suffix kept); empty without the extension."""
+    mod = load()
+    if mod is None:
+        _warn_once()
+        return []
+    archs = str(mod.build_info().get("cuda_archs", ""))
+    return [a for a in archs.split(";") if a and a != "unknown"]
 
 
 def require() -> ModuleType:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import itertools
 import os
+import re
 import threading
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -245,7 +246,9 @@ class Buffer:
 
     @staticmethod
     def is_sm90_compiled() -> bool:
-        return _ext.available()
+        """Whether the kernels were built for SM90 or newer (DeepEP's "SM90 features": TMA, FP8):
+        any entry of _ext.compiled_cuda_archs() from 90 up. False without the extension."""
+        return any(int(re.match(r"\d+", arch).group()) >= 90 for arch in _ext.compiled_cuda_archs())
 
     # ---- small accessors -----------------------------------------------------------------------
     def get_comm_stream(self) -> Optional["torch.cuda.Stream"]:

@@ -94,6 +94,24 @@ def test_backend_choice(monkeypatch):
             _backend_choice(None)
 
 
+class _BuiltFor:
+    """Stands in for ep_comm._C: only its build_info."""
+
+    def __init__(self, archs: str) -> None:
+        self.archs = archs
+
+    def build_info(self) -> dict:
+        return {"cuda_archs": self.archs}
+
+
+def test_is_sm90_compiled_reports_the_built_architectures(monkeypatch):
+    for archs, want in (("90", True), ("90a;100a", True), ("80;86+PTX", False), ("100a", True), ("80", False)):
+        monkeypatch.setattr(ep_comm._ext, "load", lambda archs=archs: _BuiltFor(archs))
+        assert Buffer.is_sm90_compiled() is want, archs
+    monkeypatch.setattr(ep_comm._ext, "load", lambda: None)
+    assert not Buffer.is_sm90_compiled() and ep_comm._ext.compiled_cuda_archs() == []
+
+
 def _async_body(rank, world, group):
     buffer = Buffer(group)
     inputs = [make_inputs(5, r, 6, 256, 2, 2 * world) for r in range(world)]
