@@ -207,3 +207,235 @@ def _vllm_ll_body(rank, world, group):
 
 def test_vllm_deepep_low_latency():
     run_ranks(_vllm_ll_body, WORLD)
+
+
+# ---- SGLang: DeepEPDispatcher, normal (prefill) and low-latency (decode) on one AUTO-mode buffer ---
+def _sglang_body(rank, world, group):
+    """sgl-project/sglang @ 003a81bf2870c07b110de13641ad4f0ba63b1fa1,
+    python/sglang/srt/layers/moe/token_dispatcher/deepep.py: DeepEPBuffer.get_deepep_buffer (AUTO
+    mode: one Buffer sized for both modes, low_latency_mode=True, allow_mnnvl=True),
+    set_dispatch_mode_as_low_latency (clean_low_latency_buffer when coming from normal mode),
+    DeepEPConfig (Config(**json)), _DeepEPDispatcherImplNormal (async_finish=True: Buffer.capture(),
+    allocate_on_comm_stream, expert_alignment=128 under DeepGEMM, dispatch_a/b, combine_a/b) and
+    _DeepEPDispatcherImplLowLatency (return_recv_hook on and off: async_finish=not return_recv_hook).
+    A prefill step runs normal mode, a decode step low-latency mode, then prefill again."""
+    deep_ep = _import_deep_ep()
+    from deep_ep import Buffer, Config
+    hidden, params_bytes = 256, 2              # DeepEPOutputDtype.BF16
+    num_max_dispatch_tokens_per_rank = 16     # SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK
+    experts_per_rank = NUM_EXPERTS // world
+    experts = Experts(NUM_EXPERTS, hidden)
+    # DeepEPConfig from a --deepep-config JSON
+    json_config = {"normal_dispatch": dict(num_sms=24, num_max_nvl_chunked_send_tokens=8,
+                                           num_max_nvl_chunked_recv_tokens=256, num_max_rdma_chunked_send_tokens=6,
+                                           num_max_rdma_chunked_recv_tokens=128),
+                   "normal_combine": dict(num_sms=24, num_max_nvl_chunked_send_tokens=6,
+                                          num_max_nvl_chunked_recv_tokens=256, num_max_rdma_chunked_send_tokens=6,
+                                          num_max_rdma_chunked_recv_tokens=128)}
+    normal_dispatch_config = Config(**json_config["normal_dispatch"])
+    normal_combine_config = Config(**json_config["normal_combine"])
+    num_sms = json_config["normal_dispatch"]["num_sms"]
+    # DeepEPBuffer.get_deepep_buffer, DeepEPMode.AUTO
+    num_nvl_bytes, num_rdma_bytes = 0, 0
+    hidden_bytes = hidden * params_bytes
+    for config in (normal_dispatch_config or Buffer.get_dispatch_config(group.size()),
+                   normal_combine_config or Buffer.get_combine_config(group.size())):
+        num_nvl_bytes = max(config.get_nvl_buffer_size_hint(hidden_bytes, group.size()), num_nvl_bytes)
+        num_rdma_bytes = max(config.get_rdma_buffer_size_hint(hidden_bytes, group.size()), num_rdma_bytes)
+    num_rdma_bytes = max(Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, group.size(),
+                                                               NUM_EXPERTS), num_rdma_bytes)
+    num_qps_per_rank = max(num_sms, NUM_EXPERTS // group.size())
+    buffer = Buffer(group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_qps_per_rank,
+                    allow_mnnvl=True)
+    mode = None
+
+    def normal_step(seed: int) -> None:
+        nonlocal mode
+        mode = "normal"  # set_dispatch_mode_as_normal
+        inputs = [make_inputs(seed, r, NUM_TOKENS + 2 * r, hidden, NUM_TOPK, NUM_EXPERTS) for r in range(world)]
+        mine = inputs[rank]
+        # dispatch_a
+        topk_ids = mine.topk_idx.to(torch.int64)
+        previous_event = Buffer.capture()
+        # dispatch_b -> _dispatch_core
+        num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, previous_event = \
+            buffer.get_dispatch_layout(topk_ids, NUM_EXPERTS, previous_event=previous_event, async_finish=True,
+                                       allocate_on_comm_stream=previous_event is not None)
+        recv_x, recv_topk_ids, recv_topk_weights, num_recv_tokens_per_expert, handle, event = buffer.dispatch(
+            mine.x, topk_idx=topk_ids, topk_weights=mine.topk_weights, num_tokens_per_rank=num_tokens_per_rank,
+            num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+            num_tokens_per_expert=num_tokens_per_expert, previous_event=previous_event, async_finish=True,
+            allocate_on_comm_stream=(previous_event is not None) and True, expert_alignment=128,
+            config=normal_dispatch_config)
+        event.current_stream_wait()
+        assert all(n % 128 == 0 for n in num_recv_tokens_per_expert), num_recv_tokens_per_expert
+        # The DeepGEMM runner: each received token's local experts, weighted and summed.
+        output = torch.zeros(recv_x.shape, dtype=torch.float32)
+        for m in range(recv_x.shape[0]):
+            for k in range(NUM_TOPK):
+                local = int(recv_topk_ids[m, k])
+                if local >= 0:
+                    output[m] += recv_topk_weights[m, k] * experts(rank * experts_per_rank + local, recv_x[m])
+        output = output.to(torch.bfloat16)
+        # combine_a / combine_b -> _combine_core
+        previous_event = Buffer.capture()
+        combined_x, _, event = buffer.combine(output, handle, async_finish=True, previous_event=previous_event,
+                                              allocate_on_comm_stream=previous_event is not None,
+                                              config=normal_combine_config)
+        event.current_stream_wait()
+        check_close(combined_x, dense_moe(mine.x, mine.topk_idx, mine.topk_weights, experts), "SGLang normal", seed)
+
+    def low_latency_step(seed: int, return_recv_hook: bool, use_fp8: bool) -> None:
+        nonlocal mode
+        if mode == "normal":  # set_dispatch_mode_as_low_latency
+            buffer.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, NUM_EXPERTS)
+        mode = "low_latency"
+        inputs = [make_inputs(seed, r, num_max_dispatch_tokens_per_rank - 3 * r, hidden, NUM_TOPK, NUM_EXPERTS)
+                  for r in range(world)]
+        mine = inputs[rank]
+        # dispatch_a -> _dispatch_core
+        topk_ids = mine.topk_idx.to(torch.int64)
+        expected_m = (mine.x.shape[0] * buffer.group_size * topk_ids.shape[1] + NUM_EXPERTS) // NUM_EXPERTS
+        packed_recv_hidden, packed_recv_count, handle, event, hook = buffer.low_latency_dispatch(
+            mine.x, topk_ids, num_max_dispatch_tokens_per_rank, NUM_EXPERTS, use_fp8=use_fp8,
+            async_finish=not return_recv_hook, return_recv_hook=return_recv_hook)
+        # dispatch_b
+        hook() if return_recv_hook else event.current_stream_wait()
+        if isinstance(packed_recv_hidden, tuple):
+            hidden_states = fp8.per_token_cast_back(*packed_recv_hidden)
+        else:
+            hidden_states = packed_recv_hidden
+        masked_m = packed_recv_count
+        assert expected_m > 0 and masked_m.dtype == torch.int32
+        # The masked grouped GEMM over [E_local, R*T, H], rows < masked_m[e]
+        expert_out = torch.zeros(hidden_states.shape, dtype=torch.bfloat16)
+        for e in range(experts_per_rank):
+            n = int(masked_m[e])
+            expert_out[e, :n] = experts(rank * experts_per_rank + e, hidden_states[e, :n]).to(torch.bfloat16)
+        # combine_a -> _combine_core, combine_b
+        combined, event, hook = buffer.low_latency_combine(
+            x=expert_out, topk_idx=topk_ids, topk_weights=mine.topk_weights, handle=handle,
+            async_finish=not return_recv_hook, return_recv_hook=return_recv_hook)
+        hook() if return_recv_hook else event.current_stream_wait()
+        x_sent = fp8_roundtrip(mine.x) if use_fp8 else mine.x
+        check_close(combined, dense_moe(x_sent, mine.topk_idx, mine.topk_weights, experts),
+                    f"SGLang low-latency (hook={return_recv_hook}, fp8={use_fp8})", seed)
+
+    normal_step(31)
+    low_latency_step(32, return_recv_hook=False, use_fp8=False)
+    low_latency_step(33, return_recv_hook=True, use_fp8=True)
+    normal_step(34)
+    low_latency_step(35, return_recv_hook=True, use_fp8=False)
+    buffer.destroy()
+
+
+def test_sglang_deepep_dispatcher():
+    run_ranks(_sglang_body, WORLD)
+
+
+# ---- Megatron-LM: the flex dispatcher's fused_dispatch / fused_combine, forward and backward ------
+def _megatron_body(rank, world, group):
+    """NVIDIA/Megatron-LM @ d98e8a64ddf34856e74b24714e3bedb2f5a39553:
+    megatron/core/transformer/moe/token_dispatcher.py (_DeepepManager: set_deepep_num_sms in
+    __init__, setup_metadata (topk of the probs, -1 where a capacity factor dropped the token),
+    dispatch -> fused_dispatch, _indices_to_multihot + permute of the dispatched probs, the experts
+    scaling their outputs by the permuted probs, unpermute, combine -> fused_combine) with
+    fused_a2a.py's functions taken from ep_comm.megatron; then a backward through all of it. Run
+    with async_finish / allocate_on_comm_stream off and on (the overlapped schedule)."""
+    from ep_comm import megatron
+    hidden = 256
+    experts_per_rank = NUM_EXPERTS // world
+    experts = Experts(NUM_EXPERTS, hidden)
+    megatron.set_deepep_num_sms(20)  # moe_flex_dispatcher_num_sms unset -> 20
+    for seed, async_finish, capacity_factor in ((41, False, None), (42, True, 1.0)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+        all_x, all_probs, all_grads = [], [], []
+        for r in range(world):
+            num_tokens = NUM_TOKENS + r
+            all_x.append((torch.randn(num_tokens, hidden, generator=g) * 2).to(torch.bfloat16))
+            scores = torch.rand(num_tokens, NUM_EXPERTS, generator=g)
+            if capacity_factor is not None:  # a dropped (token, expert) pair has probability 0
+                scores = torch.where(torch.rand(num_tokens, NUM_EXPERTS, generator=g) < 0.15, 0.0, scores)
+            all_probs.append(scores)
+            all_grads.append(torch.randn(num_tokens, hidden, generator=g))
+        x = all_x[rank].clone().requires_grad_(True)
+        probs = all_probs[rank].clone().requires_grad_(True)
+        # setup_metadata
+        token_probs, token_indices = torch.topk(probs, NUM_TOPK, dim=-1)
+        if capacity_factor is not None:
+            token_indices = token_indices.masked_fill(token_probs == 0, -1)
+        token_probs = token_probs.float()
+        # dispatch
+        recv_x, dispatched_indices, dispatched_probs, tokens_per_expert, handle = megatron.fused_dispatch(
+            x, token_indices, token_probs, NUM_EXPERTS, group, async_finish=async_finish,
+            allocate_on_comm_stream=async_finish)
+        assert tokens_per_expert.dtype == torch.int64 and tokens_per_expert.shape == (experts_per_rank,)
+        # _indices_to_multihot, permute, the experts (probs applied inside), unpermute
+        mask = dispatched_indices != -1
+        multihot_probs = torch.zeros(recv_x.shape[0], experts_per_rank, dtype=torch.float32)
+        rows = torch.arange(recv_x.shape[0]).repeat_interleave(mask.sum(dim=1))
+        multihot_probs = multihot_probs.index_put((rows, dispatched_indices[mask]), dispatched_probs[mask])
+        assert int((multihot_probs > 0).sum()) <= int(tokens_per_expert.sum())
+        expert_output = torch.zeros(recv_x.shape, dtype=torch.float32)
+        for e in range(experts_per_rank):
+            routed = (dispatched_indices == e).any(dim=1)
+            out_e = experts(rank * experts_per_rank + e, recv_x[routed]) * multihot_probs[routed, e:e + 1]
+            expert_output = expert_output.index_add(0, routed.nonzero().squeeze(1), out_e)
+        # combine
+        output, _ = megatron.fused_combine(expert_output.to(torch.bfloat16), group, handle,
+                                           async_finish=async_finish, allocate_on_comm_stream=async_finish)
+        (output.float() * all_grads[rank]).sum().backward()
+
+        # The dense model on this rank's tokens, in float32 from the same bf16 inputs.
+        dense_x = all_x[rank].float().clone().requires_grad_(True)
+        dense_probs = all_probs[rank].clone().requires_grad_(True)
+        top_probs, top_indices = torch.topk(dense_probs, NUM_TOPK, dim=-1)
+        dense_out = torch.zeros(dense_x.shape)
+        for k in range(NUM_TOPK):
+            for e in range(NUM_EXPERTS):
+                chosen = (top_indices[:, k] == e) & (top_probs[:, k] != 0 if capacity_factor is not None else True)
+                dense_out = dense_out + torch.where(chosen[:, None], experts(e, dense_x) * top_probs[:, k:k + 1], 0.0)
+        (dense_out * all_grads[rank]).sum().backward()
+        check_close(output, dense_out.detach(), f"Megatron forward (async={async_finish})", seed)
+        check_close(x.grad, dense_x.grad, f"Megatron grad of x (async={async_finish})", seed)
+        check_close(probs.grad, dense_probs.grad, f"Megatron grad of probs (async={async_finish})", seed)
+    megatron.reset_buffer()
+
+
+def test_megatron_flex_dispatcher_forward_and_backward():
+    run_ranks(_megatron_body, WORLD)
+
+
+# ---- the opt-in itself ---------------------------------------------------------------------------
+def test_install_never_shadows_a_real_deep_ep(tmp_path, monkeypatch):
+    """install() registers `deep_ep` only where DeepEP is not importable; a real one makes it raise
+    unless replace_installed=True, which warns."""
+    saved = {name: sys.modules.pop(name) for name in ("deep_ep", "deep_ep.utils") if name in sys.modules}
+    try:
+        assert ep_comm.deep_ep.install() is ep_comm.deep_ep
+        assert ep_comm.deep_ep.install() is ep_comm.deep_ep  # idempotent
+        import deep_ep
+        assert deep_ep.Buffer is ep_comm.deep_ep.Buffer and deep_ep.topk_idx_t == torch.int64
+        for name in ("deep_ep", "deep_ep.utils"):
+            sys.modules.pop(name)
+        fake = tmp_path / "deep_ep"
+        fake.mkdir()
+        (fake / "__init__.py").write_text("")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        with pytest.raises(RuntimeError, match="real DeepEP"):
+            ep_comm.deep_ep.install()
+        assert "deep_ep" not in sys.modules
+        with pytest.warns(RuntimeWarning, match="not the installed DeepEP"):
+            ep_comm.deep_ep.install(replace_installed=True)
+        assert sys.modules["deep_ep"] is ep_comm.deep_ep
+        for name in ("deep_ep", "deep_ep.utils"):
+            sys.modules.pop(name)
+        monkeypatch.setenv("EP_COMM_PROVIDE_DEEP_EP", "0")
+        assert ep_comm.deep_ep.install_from_env() is None and "deep_ep" not in sys.modules
+        monkeypatch.setenv("EP_COMM_PROVIDE_DEEP_EP", "1")
+        with pytest.raises(RuntimeError, match="real DeepEP"):
+            ep_comm.deep_ep.install_from_env()
+    finally:
+        for name in ("deep_ep", "deep_ep.utils"):
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
