@@ -12,6 +12,14 @@ from ep_comm.errors import EpCommMismatch, EpCommTimeout
 from ep_comm.api import (CombineResult, DispatchResult, LowLatencyCombineResult, LowLatencyDispatchResult, combine,
                          dispatch, get_buffer, low_latency_combine, low_latency_dispatch)
 from ep_comm import fp8
+from ep_comm.arrays import accepts_dlpack
+
+# The public plain functions also take NumPy, CuPy, JAX, ... arrays (DLPack) and return their kind;
+# ep_comm.api keeps the torch-only originals.
+dispatch = accepts_dlpack(dispatch)
+combine = accepts_dlpack(combine)
+low_latency_dispatch = accepts_dlpack(low_latency_dispatch)
+low_latency_combine = accepts_dlpack(low_latency_combine)
 
 __all__ = [
     "__version__", "Buffer", "Config", "EventOverlap", "fp8", "EpCommTimeout", "EpCommMismatch",
