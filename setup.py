@@ -588,6 +588,6 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": NinjaBuildExt},
     install_requires=install_requires(),
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "ml_dtypes"], "bench": ["matplotlib"]},
     zip_safe=False,
 )
