@@ -267,7 +267,10 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispat
                          cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None, use_fp8: bool = True,
                          round_scale: bool = False, use_ue8m0: bool = False, async_finish: bool = False,
                          return_recv_hook: bool = False) -> LowLatencyDispatchResult:
-    """Low-latency dispatch into the packed per-expert layout. See Buffer.low_latency_dispatch."""
+    """Low-latency dispatch into the packed per-expert layout. See Buffer.low_latency_dispatch.
+
+    recv_x is FP8 (float8_e4m3fn, with recv_x_scales) unless use_fp8=False. For inference: no
+    gradients are recorded (inputs that require grad are read as data)."""
     group = group if group is not None else dist.group.WORLD
     num_ranks = dist.get_world_size(group)
 
@@ -299,7 +302,8 @@ def low_latency_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispat
 def low_latency_combine(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                         handle: LowLatencyHandle, *, zero_copy: bool = False, async_finish: bool = False,
                         return_recv_hook: bool = False, out: Optional[torch.Tensor] = None) -> LowLatencyCombineResult:
-    """Weighted top-k reduction of expert outputs. See Buffer.low_latency_combine."""
+    """Weighted top-k reduction of expert outputs (normal-mode combine is unweighted). See
+    Buffer.low_latency_combine. Records no gradients, like low_latency_dispatch."""
     combined_x, event, hook = _buffer_of(handle).low_latency_combine(
         x, topk_idx, topk_weights, handle, zero_copy=zero_copy, async_finish=async_finish,
         return_recv_hook=return_recv_hook, out=out)
