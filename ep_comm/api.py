@@ -141,8 +141,10 @@ def dispatch(x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], topk_idx
     carries no gradient.
     """
     wants_grad = _wants_grad(x, topk_weights)
+    # Which inputs want gradients decides the backward's calls, so ranks must agree on it.
+    grads = [_wants_grad(x), _wants_grad(topk_weights)] if wants_grad else None
     if handle is not None:
-        buffer = _agree_cached_dispatch(x, topk_idx, topk_weights, num_experts, handle, group, wants_grad)
+        buffer = _agree_cached_dispatch(x, topk_idx, topk_weights, num_experts, handle, group, grads)
 
         def run() -> DispatchResult:
             recv_x, _, _, _, _, event = buffer.dispatch(x, handle=handle, config=config, async_finish=async_finish)
@@ -167,7 +169,7 @@ def dispatch(x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]], topk_idx
 
         sizes = _agree_plain(group, "ep_comm.dispatch", check, lambda: _x_fields(x) + [
             ("topk", topk_idx.shape[1]), ("topk_weights", topk_weights is not None), ("num_experts", num_experts),
-            ("autograd", wants_grad), ("buffer", _buffer_state(group, False))])
+            ("autograd", grads), ("buffer", _buffer_state(group, False))])
         buffer = get_buffer(group, num_nvl_bytes=sizes[0], num_rdma_bytes=sizes[1])
 
         def run() -> DispatchResult:
@@ -199,7 +201,7 @@ def _check_differentiable(x) -> None:
                         "requires grad; dispatch the bf16 x to differentiate through dispatch")
 
 
-def _agree_cached_dispatch(x, topk_idx, topk_weights, num_experts, handle, group, wants_grad: bool) -> Buffer:
+def _agree_cached_dispatch(x, topk_idx, topk_weights, num_experts, handle, group, grads) -> Buffer:
     """Check and agree a plain cached dispatch; returns the Buffer that made `handle`."""
     known = _buffers_by_id.get(getattr(handle, "buffer_id", None))
     if group is None:
@@ -217,7 +219,7 @@ def _agree_cached_dispatch(x, topk_idx, topk_weights, num_experts, handle, group
         return buffer
 
     return _agree_plain(group, "ep_comm.dispatch (cached)", check, lambda: _x_fields(x) + [
-        ("handle_of_call", handle.agreed_call), ("autograd", wants_grad)])
+        ("handle_of_call", handle.agreed_call), ("autograd", grads)])
 
 
 def _agree_plain(group, kind: str, check: Callable, fields: Callable):

@@ -48,8 +48,8 @@ class _Dispatch(torch.autograd.Function):
         ctx.buffer, ctx.handle, ctx.device = buffer, result.handle, x.device
         # Cached dispatch has no top-k outputs; the slots a rank received are those with a local id.
         ctx.recv_slots = None if result.recv_topk_idx is None else result.recv_topk_idx >= 0
-        if result.recv_x_scales is not None:
-            ctx.mark_non_differentiable(result.recv_x)  # FP8 carries no gradient
+        if result.recv_x_scales is not None or not x.requires_grad:
+            ctx.mark_non_differentiable(result.recv_x)  # FP8 carries no gradient; nor does an x that needs none
         return result.recv_x, result.recv_topk_weights
 
     @staticmethod
@@ -57,7 +57,11 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, grad_recv_x: Optional[torch.Tensor], grad_recv_topk_weights: Optional[torch.Tensor]):
         buffer, handle = _live(ctx.buffer), ctx.handle
         want_x, want_weights = ctx.needs_input_grad[:2]
-        if grad_recv_x is None or not want_x:
+        if not want_x:
+            # Only the weights need their combine: the narrowest rows the kernels move (one 16-byte vector).
+            grad_recv_x = torch.zeros(handle.num_recv_rows, VECTOR_BYTES // 2, dtype=torch.bfloat16,
+                                      device=ctx.device)
+        elif grad_recv_x is None:
             grad_recv_x = torch.zeros(handle.num_recv_rows, handle.hidden, dtype=torch.bfloat16, device=ctx.device)
         weights = None
         if want_weights:

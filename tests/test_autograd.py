@@ -91,6 +91,14 @@ def _autograd_body(rank, world, group, seed):
     _close(x.grad, want_x, "grad of x", seed)
     _close(w.grad, want_w, "grad of topk_weights", seed)
 
+    # Only the weights want a gradient: recv_x is data, and the backward combine carries the weights alone.
+    w = inputs.topk_weights.clone().requires_grad_()
+    result = ep_comm.dispatch(inputs.x, inputs.topk_idx, w, num_experts=num_experts)
+    assert not result.recv_x.requires_grad and result.recv_topk_weights.requires_grad
+    out = _experts(result.recv_x, result.recv_topk_idx, result.recv_topk_weights, scales_local)
+    (ep_comm.combine(out, result.handle).combined_x.float() * grad_out.float()).sum().backward()
+    _close(w.grad, want_w, "grad of topk_weights alone", seed)
+
     # combine's weight path, its biases and a plain cached dispatch, each with its own gradient.
     x = inputs.x.clone().requires_grad_()
     w = inputs.topk_weights.clone().requires_grad_()
@@ -103,8 +111,8 @@ def _autograd_body(rank, world, group, seed):
                            bias=(None, bias))
     # The weight path sums each slot from the one rank that holds its expert: the weights come back.
     assert torch.equal(back.combined_topk_weights, inputs.topk_weights)
-    loss = (back.combined_x.float() * grad_out.float()).sum() + (back.combined_topk_weights * grad_combined_weights).sum()
-    loss.backward()
+    loss = (back.combined_x.float() * grad_out.float()).sum()
+    (loss + (back.combined_topk_weights * grad_combined_weights).sum()).backward()
     copies = inputs.topk_idx.ge(0).logical_and(
         inputs.topk_idx // EXPERTS_PER_RANK == torch.arange(world)[:, None, None]).any(-1).sum(0)   # ranks per token
     _close(x.grad, 2 * copies[:, None] * grad_out.float(), "grad of x through dispatch, cached dispatch, combine",
