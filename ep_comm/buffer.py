@@ -82,7 +82,7 @@ def _bounded_hook(hook: Optional[Callable[[], None]]) -> Optional[Callable[[], N
 
     @functools.wraps(hook)
     def run() -> None:
-        with _timeouts_as_ep_comm_timeout():
+        with _timeouts_as_ep_comm_timeout(), torch.no_grad():
             hook()
     return run
 
@@ -349,8 +349,11 @@ class Buffer:
 
     def _launch(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap], async_finish: bool,
                 allocate_on_comm_stream: bool, on_gpu: bool):
-        """Run `fn` on the communication stream (DeepEP's overlap semantics); CPU calls run inline."""
-        with _timeouts_as_ep_comm_timeout():
+        """Run `fn` on the communication stream (DeepEP's overlap semantics); CPU calls run inline.
+        Outputs are data, never part of a graph: the reference's torch arithmetic on inputs that
+        require grad would otherwise record a graph that misses the exchange (ep_comm/autograd.py
+        differentiates the plain functions)."""
+        with _timeouts_as_ep_comm_timeout(), torch.no_grad():
             return self._launch_on_stream(fn, inputs, previous_event, async_finish, allocate_on_comm_stream, on_gpu)
 
     def _launch_on_stream(self, fn: Callable, inputs: Sequence, previous_event: Optional[EventOverlap],
@@ -708,7 +711,7 @@ class Buffer:
             if overlap.event is not None:
                 self._last_async_low_latency = (overlap.event, capturing)
             return result, overlap
-        with _timeouts_as_ep_comm_timeout():
+        with _timeouts_as_ep_comm_timeout(), torch.no_grad():
             return fn(), EventOverlap(None)
 
 

@@ -70,7 +70,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, seed: int) -> None:
                                msg=lambda m: f"{what} (seed {seed}): {m}")
 
 
-def _autograd_body(rank, world, group, seed):
+def _autograd_body(rank, world, group, seed, low_latency=False):
     num_experts = EXPERTS_PER_RANK * world
     inputs, grad_out, grad_combined_weights = _rank_data(seed, rank, num_experts)
     scales_local = _expert_scales(seed, num_experts)[rank * EXPERTS_PER_RANK:(rank + 1) * EXPERTS_PER_RANK]
@@ -127,10 +127,18 @@ def _autograd_body(rank, world, group, seed):
     with pytest.raises(TypeError, match="carries no gradient"):
         ep_comm.dispatch((x_fp8, x_scales.requires_grad_()), inputs.topk_idx, num_experts=num_experts)
     ep_comm.get_buffer(group).destroy()
+    if low_latency:
+        # Low-latency mode is for inference: outputs are data, whatever requires grad.
+        x = inputs.x.clone().requires_grad_()
+        w = inputs.topk_weights.clone().requires_grad_()
+        sent = ep_comm.low_latency_dispatch(x, inputs.topk_idx, 8, num_experts, group=group, use_fp8=False)
+        back = ep_comm.low_latency_combine(sent.recv_x.clone().requires_grad_(), inputs.topk_idx, w, sent.handle)
+        assert not sent.recv_x.requires_grad and not back.combined_x.requires_grad
+        ep_comm.get_buffer(group, low_latency=True).destroy()
 
 
 def test_gradients_match_dense_moe_reference():
-    run_ranks(_autograd_body, 3, seed=SEED)
+    run_ranks(_autograd_body, 3, seed=SEED, low_latency=True)
 
 
 @pytest.mark.skipif(not _ext.emulated_available(), reason=f"ep_comm._C_emu is not built: "
