@@ -10,7 +10,6 @@ goes through ep_comm.deep_ep.install(), as a deployment without DeepEP would.
 from __future__ import annotations
 
 import sys
-import warnings
 
 import pytest
 import torch
@@ -78,6 +77,7 @@ def _vllm_ht_body(rank, world, group):
     (DeepEPHTAll2AllManager._make_all2all_kwargs, set_num_sms). DBO (micro-batch overlap) is off,
     so dbo_get_previous_event gives None."""
     deep_ep = _import_deep_ep()
+    Buffer = deep_ep.Buffer
     hidden = 256  # maybe_roundup_layer_hidden_size keeps bf16 hidden sizes that are multiples of 256
     buffer = deep_ep.Buffer(group=group, num_nvl_bytes=1024 * 1024 * 1024, num_rdma_bytes=0, low_latency_mode=False,
                             num_qps_per_rank=1, explicitly_destroy=True)
@@ -125,7 +125,7 @@ def _vllm_ht_body(rank, world, group):
         # _finalize
         output = torch.empty(mine.x.shape, dtype=torch.bfloat16)
         combined_x, _, event = buffer.combine(x=fused_expert_output, handle=handle, topk_weights=None,
-                                              config=None if config is None else deep_ep.Buffer.get_combine_config(world),
+                                              config=None if config is None else Buffer.get_combine_config(world),
                                               previous_event=None, async_finish=do_async,
                                               allocate_on_comm_stream=False)
         if do_async and event.event is not None:
@@ -177,7 +177,8 @@ def _vllm_ll_body(rank, world, group):
         # the experts (batched, masked by expert_num_tokens) dequantise.
         if use_fp8:
             x_fp8, x_scales = expert_x
-            assert x_fp8.dtype == torch.float8_e4m3fn and x_scales.dtype == (torch.int32 if use_ue8m0 else torch.float32)
+            assert x_fp8.dtype == torch.float8_e4m3fn
+            assert x_scales.dtype == (torch.int32 if use_ue8m0 else torch.float32)
             expert_x = fp8.per_token_cast_back(x_fp8, x_scales)
         assert expert_x.shape == (experts_per_rank, world * max_tokens_per_rank, hidden)
         fused_expert_output = torch.zeros(expert_x.shape, dtype=torch.bfloat16)
@@ -219,7 +220,7 @@ def _sglang_body(rank, world, group):
     allocate_on_comm_stream, expert_alignment=128 under DeepGEMM, dispatch_a/b, combine_a/b) and
     _DeepEPDispatcherImplLowLatency (return_recv_hook on and off: async_finish=not return_recv_hook).
     A prefill step runs normal mode, a decode step low-latency mode, then prefill again."""
-    deep_ep = _import_deep_ep()
+    _import_deep_ep()
     from deep_ep import Buffer, Config
     hidden, params_bytes = 256, 2              # DeepEPOutputDtype.BF16
     num_max_dispatch_tokens_per_rank = 16     # SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK
@@ -439,3 +440,162 @@ def test_install_never_shadows_a_real_deep_ep(tmp_path, monkeypatch):
         for name in ("deep_ep", "deep_ep.utils"):
             sys.modules.pop(name, None)
         sys.modules.update(saved)
+
+
+# ---- DeepEP V2 ElasticBuffer: vLLM's deepep_v2 prepare/finalize and DeepEP's training pattern -----
+def _elastic_body(rank, world, group):
+    """vllm-project/vllm @ 02bd2a494f5c722c044ded73cb16e766e8007f0d,
+    vllm/model_executor/layers/fused_moe/prepare_finalize/deepep_v2.py (DeepEPV2PrepareAndFinalize:
+    decode mode do_expand=False/do_cpu_sync=False with a power-of-two num_max_tokens_per_rank,
+    recv_topk_idx made global and cut at psum_num_recv_tokens_per_scaleup_rank[-1]; prefill mode
+    do_expand=True/do_cpu_sync=True with topk ids rebuilt from num_recv_tokens_per_expert_list;
+    combine with async_with_compute_stream and allocate_on_comm_stream), and deepseek-ai/DeepEP @
+    dd758caf451848bd150e1046af3d0a73e5fff38d, README.md (get_buffer with get_buffer_size_hint,
+    training: dispatch/combine forward, combine as dispatch's backward, cached dispatch as combine's
+    backward; decoding: dispatch with a cached handle)."""
+    _import_deep_ep()
+    from deep_ep import ElasticBuffer
+    hidden, max_tokens_per_rank = 256, 16
+    experts_per_rank = NUM_EXPERTS // world
+    rank_expert_offset = rank * experts_per_rank
+    experts = Experts(NUM_EXPERTS, hidden)
+    required_bytes = ElasticBuffer.get_buffer_size_hint(group, max_tokens_per_rank, hidden, num_topk=NUM_TOPK)
+    buffer = ElasticBuffer(group, num_max_tokens_per_rank=max_tokens_per_rank, hidden=hidden, num_topk=NUM_TOPK,
+                           explicitly_destroy=True)
+    assert buffer.num_bytes >= required_bytes and buffer.get_logical_domain_size() == (1, world)
+    num_sms = buffer.get_theoretical_num_sms(NUM_EXPERTS, NUM_TOPK)
+
+    def weight_and_reduce(expert_x, topk_ids, topk_weights):
+        """The experts (global ids, -1 skipped) then TopKWeightAndReduceContiguous: one row per row."""
+        out = torch.zeros(expert_x.shape, dtype=torch.float32)
+        for m in range(expert_x.shape[0]):
+            for k in range(topk_ids.shape[1]):
+                if topk_ids[m, k] >= 0:
+                    out[m] += topk_weights[m, k] * experts(int(topk_ids[m, k]), expert_x[m])
+        return out.to(torch.bfloat16)
+
+    for seed, use_cudagraph in ((51, True), (52, False), (53, True)):
+        inputs = [make_inputs(seed, r, NUM_TOKENS - 2 * r, hidden, NUM_TOPK, NUM_EXPERTS) for r in range(world)]
+        mine = inputs[rank]
+        do_expand = do_cpu_sync = not use_cudagraph
+        num_max_tokens_per_rank = None
+        if not do_expand:
+            n = max(inp.x.shape[0] for inp in inputs)  # dp_metadata.num_tokens_across_dp_cpu.max()
+            num_max_tokens_per_rank = min(1 << max(n - 1, 0).bit_length(), max_tokens_per_rank)
+        recv_x, recv_topk_idx, recv_topk_weights, handle, event = buffer.dispatch(
+            x=mine.x, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, num_experts=NUM_EXPERTS,
+            num_max_tokens_per_rank=num_max_tokens_per_rank, do_expand=do_expand, do_cpu_sync=do_cpu_sync,
+            async_with_compute_stream=False)
+        # _receiver
+        if event.event is not None:
+            event.current_stream_wait()
+        psum = handle.psum_num_recv_tokens_per_scaleup_rank
+        expected_sources = [sum(1 for t in range(inp.x.shape[0])
+                                if any(e // experts_per_rank == rank for e in inp.topk_idx[t].tolist() if e >= 0))
+                            for inp in inputs]
+        assert psum.tolist() == torch.tensor(expected_sources).cumsum(0).tolist(), (psum, expected_sources, seed)
+        counts = handle.num_recv_tokens_per_expert_list
+        if recv_topk_idx is None:  # prefill: expanded rows, ids from the per-expert counts
+            assert do_expand and counts and recv_topk_weights.ndim == 1
+            recv_topk_idx = torch.repeat_interleave(torch.arange(experts_per_rank) + rank_expert_offset,
+                                                    torch.tensor(counts), output_size=sum(counts)).unsqueeze(1)
+            assert recv_x.shape[0] == sum(counts) == handle.num_expanded_tokens
+        else:  # decode: worst-case rows; global ids below psum[-1], -1 elsewhere
+            assert not counts and recv_x.shape[0] == world * num_max_tokens_per_rank
+            rows = torch.arange(recv_topk_idx.shape[0]).unsqueeze(1)
+            recv_topk_idx = torch.where((recv_topk_idx >= 0) & (rows < psum[-1]), recv_topk_idx + rank_expert_offset,
+                                        -1)
+        if recv_topk_weights is not None and recv_topk_weights.ndim == 1:
+            recv_topk_weights = recv_topk_weights.unsqueeze(1)
+        # _finalize (finalize_async)
+        fused_expert_output = weight_and_reduce(recv_x, recv_topk_idx, recv_topk_weights)
+        output = torch.empty(mine.x.shape, dtype=torch.bfloat16)
+        combined_x, _, event = buffer.combine(x=fused_expert_output, handle=handle, topk_weights=None,
+                                              async_with_compute_stream=True, allocate_on_comm_stream=True)
+        if event.event is not None:
+            event.current_stream_wait()
+        output.copy_(combined_x, non_blocking=True)
+        check_close(output, dense_moe(mine.x, mine.topk_idx, mine.topk_weights, experts),
+                    f"vLLM DeepEP V2 (cudagraph={use_cudagraph})", seed)
+        if use_cudagraph:  # decoding with the cached handle: the same routing, new activations
+            x2 = (mine.x.float() * 0.5).to(torch.bfloat16)
+            recv_x2, _, _, same, _ = buffer.dispatch(x2, handle=handle, num_sms=num_sms,
+                                                     async_with_compute_stream=True)
+            assert same is handle
+            out2 = weight_and_reduce(recv_x2, recv_topk_idx, recv_topk_weights)
+            combined2, _, _ = buffer.combine(out2, handle=handle, num_sms=num_sms, async_with_compute_stream=True)
+            check_close(combined2, dense_moe(x2, mine.topk_idx, mine.topk_weights, experts), "V2 cached decode", seed)
+
+    # Training (DeepEP README): forward and backward through dispatch and combine, expanded and not.
+    class Dispatch(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, topk_idx, topk_weights, do_expand):
+            recv_x, recv_topk_idx, recv_topk_weights, handle, event = buffer.dispatch(
+                x, topk_idx=topk_idx, topk_weights=topk_weights, num_experts=NUM_EXPERTS,
+                num_max_tokens_per_rank=max_tokens_per_rank, num_sms=num_sms, async_with_compute_stream=True,
+                do_expand=do_expand)
+            event.current_stream_wait()
+            ctx.handle = handle
+            return recv_x, recv_topk_weights, handle, recv_topk_idx
+
+        @staticmethod
+        def backward(ctx, grad_recv_x, grad_recv_topk_weights, _grad_handle, _grad_idx):
+            grad_x, grad_weights, event = buffer.combine(grad_recv_x.contiguous(), handle=ctx.handle,
+                                                         topk_weights=grad_recv_topk_weights.float(),
+                                                         num_sms=num_sms, async_with_compute_stream=True)
+            event.current_stream_wait()
+            return grad_x, None, grad_weights, None
+
+    class Combine(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, handle):
+            combined_x, _, event = buffer.combine(x, handle=handle, num_sms=num_sms, async_with_compute_stream=True)
+            event.current_stream_wait()
+            ctx.handle = handle
+            return combined_x
+
+        @staticmethod
+        def backward(ctx, grad_combined_x):
+            grad_x, _, _, _, event = buffer.dispatch(grad_combined_x.contiguous(), handle=ctx.handle,
+                                                     num_sms=num_sms, async_with_compute_stream=True)
+            event.current_stream_wait()
+            return grad_x, None
+
+    for seed, do_expand in ((54, False), (55, True)):
+        inputs = [make_inputs(seed, r, NUM_TOKENS + r, hidden, NUM_TOPK, NUM_EXPERTS) for r in range(world)]
+        mine = inputs[rank]
+        grad_out = torch.randn(mine.x.shape, generator=torch.Generator().manual_seed(seed + rank))
+        x = mine.x.clone().requires_grad_(True)
+        weights = mine.topk_weights.clone().requires_grad_(True)
+        recv_x, recv_weights, handle, recv_topk_idx = Dispatch.apply(x, mine.topk_idx, weights, do_expand)
+        if do_expand:
+            ids = torch.repeat_interleave(torch.arange(experts_per_rank), torch.tensor(
+                handle.num_recv_tokens_per_expert_list)).unsqueeze(1)
+            recv_weights = recv_weights.unsqueeze(1)
+        else:
+            ids = recv_topk_idx
+        expert_out = torch.zeros(recv_x.shape)
+        for e in range(experts_per_rank):
+            for k in range(ids.shape[1]):
+                chosen = (ids[:, k] == e)[:, None]
+                expert_out = expert_out + torch.where(
+                    chosen, experts(rank_expert_offset + e, recv_x) * recv_weights[:, k:k + 1], 0.0)
+        out = Combine.apply(expert_out.to(torch.bfloat16), handle)
+        (out.float() * grad_out).sum().backward()
+        dense_x = mine.x.float().clone().requires_grad_(True)
+        dense_w = mine.topk_weights.clone().requires_grad_(True)
+        dense = torch.zeros(dense_x.shape)
+        for k in range(NUM_TOPK):
+            for e in range(NUM_EXPERTS):
+                chosen = (mine.topk_idx[:, k] == e)[:, None]
+                dense = dense + torch.where(chosen, experts(e, dense_x) * dense_w[:, k:k + 1], 0.0)
+        (dense * grad_out).sum().backward()
+        what = f"V2 training (expand={do_expand})"
+        check_close(out, dense.detach(), what + " forward", seed)
+        check_close(x.grad, dense_x.grad, what + " grad of x", seed)
+        check_close(weights.grad, dense_w.grad, what + " grad of topk_weights", seed)
+    buffer.destroy()
+
+
+def test_deep_ep_v2_elastic_buffer():
+    run_ranks(_elastic_body, WORLD)

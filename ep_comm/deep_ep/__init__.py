@@ -7,7 +7,8 @@
 does not have (`enable_shrink`, `comm`, `dispatch_wait_recv_cost_stats`, `use_logfmt`,
 `combine_wait_recv_cost_stats`), and `EventOverlap(EventHandle())` as previous_event. What ep_comm
 cannot do raises NotImplementedError instead of running differently: rank masking (`enable_shrink`),
-an mpi4py `comm`, the raw buffer views (`get_local_buffer_tensor`).
+an mpi4py `comm`, the raw buffer views (`get_local_buffer_tensor`). DeepEP V2's `ElasticBuffer` and
+`EPHandle` (ep_comm/deep_ep/elastic.py) map its dispatch/combine onto the same Buffer.
 """
 from __future__ import annotations
 
@@ -103,13 +104,16 @@ class Buffer(ep_comm.Buffer):
                                   "(get_local_buffer_tensor)")
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        raise RuntimeError("low_latency_update_mask_buffer needs Buffer(enable_shrink=True), which ep_comm does not implement")
+        raise RuntimeError(_NO_MASKS.format("low_latency_update_mask_buffer"))
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        raise RuntimeError("low_latency_query_mask_buffer needs Buffer(enable_shrink=True), which ep_comm does not implement")
+        raise RuntimeError(_NO_MASKS.format("low_latency_query_mask_buffer"))
 
     def low_latency_clean_mask_buffer(self) -> None:
-        raise RuntimeError("low_latency_clean_mask_buffer needs Buffer(enable_shrink=True), which ep_comm does not implement")
+        raise RuntimeError(_NO_MASKS.format("low_latency_clean_mask_buffer"))
+
+
+_NO_MASKS = "{} needs Buffer(enable_shrink=True), which ep_comm does not implement"
 
 
 def _check_stats(name: str, stats: torch.Tensor, num_ranks: int) -> None:
@@ -117,6 +121,9 @@ def _check_stats(name: str, stats: torch.Tensor, num_ranks: int) -> None:
         got = f"{stats.dtype} {list(stats.shape)}" if isinstance(stats, torch.Tensor) else type(stats).__name__
         raise ValueError(f"{name} must be int64 [{num_ranks}], got {got}")
 
+
+# DeepEP V2's unified buffer; imported late: it builds on Buffer above.
+from ep_comm.deep_ep.elastic import ElasticBuffer, EPHandle  # noqa: E402
 
 # ---- making `import deep_ep` resolve here -------------------------------------------------------
 _ENV = "EP_COMM_PROVIDE_DEEP_EP"
@@ -142,7 +149,8 @@ def install(replace_installed: bool = False) -> types.ModuleType:
     if present is not None:
         if not replace_installed:
             raise RuntimeError("a real DeepEP (deep_ep) is installed; ep_comm.deep_ep.install() will not shadow it. "
-                               "Import ep_comm.deep_ep directly, or pass replace_installed=True to shadow it on purpose")
+                               "Import ep_comm.deep_ep directly, or pass replace_installed=True to shadow it "
+                               "on purpose")
         warnings.warn("ep_comm.deep_ep.install(replace_installed=True): `import deep_ep` now gives ep_comm, "
                       "not the installed DeepEP", RuntimeWarning, stacklevel=2)
     sys.modules["deep_ep"] = this
@@ -160,5 +168,5 @@ def install_from_env() -> Optional[types.ModuleType]:
     return install()
 
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "utils", "install", "install_from_env",
-           "__version__"]
+__all__ = ["Buffer", "ElasticBuffer", "EPHandle", "Config", "EventOverlap", "EventHandle", "topk_idx_t", "utils",
+           "install", "install_from_env", "__version__"]
