@@ -126,6 +126,9 @@ def _autograd_body(rank, world, group, seed, low_latency=False):
     x_fp8, x_scales = ep_comm.fp8.per_token_cast_to_fp8(inputs.x)
     with pytest.raises(TypeError, match="carries no gradient"):
         ep_comm.dispatch((x_fp8, x_scales.requires_grad_()), inputs.topk_idx, num_experts=num_experts)
+    # Whether a rank's backward will call combine is part of the call: ranks that differ are refused.
+    with pytest.raises(ep_comm.EpCommMismatch, match="autograd"):
+        ep_comm.dispatch(inputs.x.clone().requires_grad_(rank == 0), inputs.topk_idx, num_experts=num_experts)
     ep_comm.get_buffer(group).destroy()
     if low_latency:
         # Low-latency mode is for inference: outputs are data, whatever requires grad.
