@@ -49,6 +49,18 @@ def dense_moe(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tenso
     return out
 
 
+def weight_and_reduce(expert_x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      experts: Experts) -> torch.Tensor:
+    """bf16: each row's experts (global ids, -1 skipped), weighted and summed (vLLM's
+    TopKWeightAndReduceContiguous after the experts): one output row per input row."""
+    out = torch.zeros(expert_x.shape, dtype=torch.float32)
+    for m in range(expert_x.shape[0]):
+        for k in range(topk_ids.shape[1]):
+            if topk_ids[m, k] >= 0:
+                out[m] += topk_weights[m, k] * experts(int(topk_ids[m, k]), expert_x[m])
+    return out.to(torch.bfloat16)
+
+
 def fp8_roundtrip(x: torch.Tensor, round_scale: bool = False) -> torch.Tensor:
     """What an FP8 dispatch delivers of x: the dense reference is computed on it."""
     return fp8.per_token_cast_back(*fp8.per_token_cast_to_fp8(x, round_scale=round_scale))
@@ -56,7 +68,7 @@ def fp8_roundtrip(x: torch.Tensor, round_scale: bool = False) -> torch.Tensor:
 
 def check_close(got: torch.Tensor, want: torch.Tensor, what: str, seed: int) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)} (seed {seed})"
-    diff = calc_diff(got.float(), want)
+    diff = calc_diff(got.detach().float(), want.detach())
     assert diff < MAX_DIFF, f"{what}: calc_diff {diff:.3g} >= {MAX_DIFF} (seed {seed})"
 
 
@@ -219,7 +231,8 @@ def _sglang_body(rank, world, group):
     DeepEPConfig (Config(**json)), _DeepEPDispatcherImplNormal (async_finish=True: Buffer.capture(),
     allocate_on_comm_stream, expert_alignment=128 under DeepGEMM, dispatch_a/b, combine_a/b) and
     _DeepEPDispatcherImplLowLatency (return_recv_hook on and off: async_finish=not return_recv_hook).
-    A prefill step runs normal mode, a decode step low-latency mode, then prefill again."""
+    A prefill step runs normal mode, a decode step low-latency mode, then prefill again; then the
+    DeepEP V2 dispatcher (_sglang_v2_steps)."""
     _import_deep_ep()
     from deep_ep import Buffer, Config
     hidden, params_bytes = 256, 2              # DeepEPOutputDtype.BF16
@@ -327,6 +340,63 @@ def _sglang_body(rank, world, group):
     low_latency_step(33, return_recv_hook=True, use_fp8=True)
     normal_step(34)
     low_latency_step(35, return_recv_hook=True, use_fp8=False)
+    buffer.destroy()
+    _sglang_v2_steps(rank, world, group)
+
+
+def _sglang_v2_steps(rank, world, group):
+    """sgl-project/sglang @ 0134da0b075f75274c6af785a9bdf543239ba37c,
+    python/sglang/srt/layers/moe/token_dispatcher/deepep_v2.py (DeepEPv2Buffer.get_buffer,
+    _DeepEPv2Impl.dispatch/combine): decode uses the expanded layout without CPU sync (a masked
+    GEMM over psum_num_recv_tokens_per_expert, expert_alignment 128), prefill the contiguous layout
+    cut at psum_num_recv_tokens_per_scaleup_rank[-1]."""
+    from deep_ep import ElasticBuffer
+    hidden, max_tokens_per_rank = 256, 16
+    experts_per_rank = NUM_EXPERTS // world
+    rank_expert_offset = rank * experts_per_rank
+    experts = Experts(NUM_EXPERTS, hidden)
+    expert_alignment = 128
+    buffer = ElasticBuffer(group, num_max_tokens_per_rank=max_tokens_per_rank, hidden=hidden, num_topk=NUM_TOPK,
+                           use_fp8_dispatch=False, allow_hybrid_mode=False, sl_idx=0, prefer_overlap_with_compute=False)
+    num_sms = buffer.get_theoretical_num_sms(NUM_EXPERTS, NUM_TOPK)
+    num_qps = buffer.get_theoretical_num_qps(num_sms)
+    for seed, use_expand_layout in ((56, True), (57, False), (58, True)):
+        inputs = [make_inputs(seed, r, max_tokens_per_rank - 5 * r, hidden, NUM_TOPK, NUM_EXPERTS)
+                  for r in range(world)]
+        mine = inputs[rank]
+        recv_x, recv_topk_idx, recv_topk_weights, handle, event = buffer.dispatch(
+            mine.x, topk_idx=mine.topk_idx, topk_weights=mine.topk_weights, num_experts=NUM_EXPERTS,
+            num_max_tokens_per_rank=max_tokens_per_rank, expert_alignment=expert_alignment, num_sms=num_sms,
+            num_qps=num_qps, use_tma_aligned_col_major_sf=False, do_cpu_sync=not use_expand_layout,
+            do_expand=use_expand_layout)
+        if event.event is not None:
+            event.current_stream_wait()
+        if use_expand_layout:
+            # The masked grouped GEMM: expert e's rows start at align(psum[e-1]) and number psum[e] - start.
+            psum = handle.psum_num_recv_tokens_per_expert.tolist()
+            expert_out = torch.zeros(recv_x.shape, dtype=torch.float32)
+            begin = 0
+            for e in range(experts_per_rank):
+                count = psum[e] - begin
+                rows = slice(begin, begin + count)
+                expert_out[rows] = experts(rank_expert_offset + e, recv_x[rows]) * recv_topk_weights[rows, None]
+                begin = (psum[e] + expert_alignment - 1) // expert_alignment * expert_alignment
+            assert recv_x.shape[0] >= begin
+        else:
+            num_recv_tokens = int(handle.psum_num_recv_tokens_per_scaleup_rank[-1].item())
+            recv_x, recv_topk_idx = recv_x[:num_recv_tokens], recv_topk_idx[:num_recv_tokens]
+            recv_topk_weights = recv_topk_weights[:num_recv_tokens]
+            assert all(n % expert_alignment == 0 for n in handle.num_recv_tokens_per_expert_list)
+            global_ids = torch.where(recv_topk_idx >= 0, recv_topk_idx + rank_expert_offset, -1)
+            expert_out = weight_and_reduce(recv_x, global_ids, recv_topk_weights, experts).float()
+        combined_x, combined_weights, event = buffer.combine(expert_out.to(torch.bfloat16), handle=handle,
+                                                             topk_weights=recv_topk_weights, num_sms=num_sms,
+                                                             num_qps=num_qps)
+        if event.event is not None:
+            event.current_stream_wait()
+        what = f"SGLang DeepEP V2 (expanded={use_expand_layout})"
+        check_close(combined_x, dense_moe(mine.x, mine.topk_idx, mine.topk_weights, experts), what, seed)
+        assert torch.equal(combined_weights, mine.topk_weights), (what + " combined weights", seed)
     buffer.destroy()
 
 
@@ -465,15 +535,6 @@ def _elastic_body(rank, world, group):
     assert buffer.num_bytes >= required_bytes and buffer.get_logical_domain_size() == (1, world)
     num_sms = buffer.get_theoretical_num_sms(NUM_EXPERTS, NUM_TOPK)
 
-    def weight_and_reduce(expert_x, topk_ids, topk_weights):
-        """The experts (global ids, -1 skipped) then TopKWeightAndReduceContiguous: one row per row."""
-        out = torch.zeros(expert_x.shape, dtype=torch.float32)
-        for m in range(expert_x.shape[0]):
-            for k in range(topk_ids.shape[1]):
-                if topk_ids[m, k] >= 0:
-                    out[m] += topk_weights[m, k] * experts(int(topk_ids[m, k]), expert_x[m])
-        return out.to(torch.bfloat16)
-
     for seed, use_cudagraph in ((51, True), (52, False), (53, True)):
         inputs = [make_inputs(seed, r, NUM_TOKENS - 2 * r, hidden, NUM_TOPK, NUM_EXPERTS) for r in range(world)]
         mine = inputs[rank]
@@ -508,7 +569,7 @@ def _elastic_body(rank, world, group):
         if recv_topk_weights is not None and recv_topk_weights.ndim == 1:
             recv_topk_weights = recv_topk_weights.unsqueeze(1)
         # _finalize (finalize_async)
-        fused_expert_output = weight_and_reduce(recv_x, recv_topk_idx, recv_topk_weights)
+        fused_expert_output = weight_and_reduce(recv_x, recv_topk_idx, recv_topk_weights, experts)
         output = torch.empty(mine.x.shape, dtype=torch.bfloat16)
         combined_x, _, event = buffer.combine(x=fused_expert_output, handle=handle, topk_weights=None,
                                               async_with_compute_stream=True, allocate_on_comm_stream=True)
@@ -522,7 +583,7 @@ def _elastic_body(rank, world, group):
             recv_x2, _, _, same, _ = buffer.dispatch(x2, handle=handle, num_sms=num_sms,
                                                      async_with_compute_stream=True)
             assert same is handle
-            out2 = weight_and_reduce(recv_x2, recv_topk_idx, recv_topk_weights)
+            out2 = weight_and_reduce(recv_x2, recv_topk_idx, recv_topk_weights, experts)
             combined2, _, _ = buffer.combine(out2, handle=handle, num_sms=num_sms, async_with_compute_stream=True)
             check_close(combined2, dense_moe(x2, mine.topk_idx, mine.topk_weights, experts), "V2 cached decode", seed)
 
