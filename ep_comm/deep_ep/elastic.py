@@ -252,17 +252,25 @@ class ElasticBuffer:
         else:
             num_rows = self.num_ranks * num_max_tokens_per_rank * min(num_topk, experts_per_rank) \
                 + experts_per_rank * (expert_alignment - 1)
-        rows = torch.full((num_rows,), -1, dtype=torch.int64, device=payload.device)
-        slots = torch.zeros(num_rows, dtype=torch.int64, device=payload.device)
-        recv_rows, recv_slots = torch.nonzero(recv_topk_idx >= 0, as_tuple=True)
-        experts = recv_topk_idx[recv_rows, recv_slots]
-        order = torch.sort(experts * recv_topk_idx.shape[0] + recv_rows, stable=True).indices
-        experts, recv_rows, recv_slots = experts[order], recv_rows[order], recv_slots[order]
-        position = torch.arange(experts.numel(), device=payload.device) - \
-            (torch.cumsum(unaligned, 0) - unaligned).to(torch.int64)[experts]
-        target = starts.to(torch.int64)[experts] + position
-        rows[target] = recv_rows
-        slots[target] = recv_slots
+        # Where each (received row, local expert) pair goes, computed without a host sync (no
+        # data-dependent shapes): pairs that do not exist go to a dump entry past the end.
+        device = payload.device
+        num_recv_rows = recv_topk_idx.shape[0]
+        expert_or_dump = torch.where(recv_topk_idx >= 0, recv_topk_idx, experts_per_rank)
+        present = torch.zeros(num_recv_rows, experts_per_rank + 1, dtype=torch.int64, device=device)
+        present.scatter_(1, expert_or_dump, 1)
+        slot_of = torch.zeros(num_recv_rows, experts_per_rank + 1, dtype=torch.int64, device=device)
+        slot_of.scatter_(1, expert_or_dump, torch.arange(num_topk, device=device).expand(num_recv_rows, num_topk))
+        present, slot_of = present[:, :experts_per_rank], slot_of[:, :experts_per_rank]
+        target = starts.to(torch.int64).unsqueeze(0) + torch.cumsum(present, 0) - 1
+        target = torch.where(present > 0, target, num_rows).reshape(-1)
+        rows = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=device)
+        slots = torch.zeros(num_rows + 1, dtype=torch.int64, device=device)
+        row_ids = torch.arange(num_recv_rows, device=device).unsqueeze(1).expand(num_recv_rows, experts_per_rank)
+        rows.scatter_(0, target, row_ids.reshape(-1))
+        slots.scatter_(0, target, slot_of.reshape(-1))
+        rows[num_rows] = -1
+        rows, slots = rows[:num_rows], slots[:num_rows]
         new._expand_rows, new._expand_slots = rows, slots
         new.num_expanded_tokens = num_rows
         expanded_weights = None
@@ -280,7 +288,7 @@ class ElasticBuffer:
         marker[:, 1] = (self.rank_idx + 1) // 256
         recv_marker, *_ = self._buffer.dispatch(marker, handle=inner)
         source = recv_marker[:, 0].long() + 256 * recv_marker[:, 1].long() - 1
-        counts = torch.bincount(source[source >= 0], minlength=self.num_ranks)
+        counts = (source.unsqueeze(1) == torch.arange(self.num_ranks, device=source.device)).sum(0)
         return torch.cumsum(counts, 0).to(torch.int32)
 
     @staticmethod
@@ -308,15 +316,16 @@ class ElasticBuffer:
             event = EventOverlap(EventHandle().event)
         if handle.do_expand:
             rows, slots = handle._expand_rows, handle._expand_slots
-            valid = rows >= 0
             num_recv_rows = handle._inner.num_recv_rows
-            reduced = torch.zeros(num_recv_rows, x.shape[1], dtype=torch.float32, device=x.device)
-            reduced.index_add_(0, rows[valid], x[valid].float())
-            x = reduced.to(torch.bfloat16)
+            row_or_dump = torch.where(rows >= 0, rows, num_recv_rows)  # padding rows go to a dump row
+            reduced = torch.zeros(num_recv_rows + 1, x.shape[1], dtype=torch.float32, device=x.device)
+            reduced.index_add_(0, row_or_dump, x.float())
+            x = reduced[:num_recv_rows].to(torch.bfloat16)
             if topk_weights is not None:
-                per_slot = torch.zeros(num_recv_rows, handle.topk_idx.shape[1], dtype=torch.float32, device=x.device)
-                per_slot[rows[valid], slots[valid]] = topk_weights.reshape(-1)[valid].float()
-                topk_weights = per_slot
+                per_slot = torch.zeros(num_recv_rows + 1, handle.topk_idx.shape[1], dtype=torch.float32,
+                                       device=x.device)
+                per_slot.index_put_((row_or_dump, slots), topk_weights.reshape(-1).float(), accumulate=True)
+                topk_weights = per_slot[:num_recv_rows]
         return self._buffer.combine(x, handle._inner, topk_weights=topk_weights, bias=bias, previous_event=event,
                                     async_finish=async_with_compute_stream,
                                     allocate_on_comm_stream=allocate_on_comm_stream and async_with_compute_stream)
