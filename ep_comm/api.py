@@ -196,7 +196,7 @@ def _wants_grad(*tensors) -> bool:
 
 
 def _check_differentiable(x) -> None:
-    if isinstance(x, (tuple, list)) and any(isinstance(t, torch.Tensor) and t.requires_grad for t in x):
+    if isinstance(x, (tuple, list)) and _wants_grad(x):
         raise TypeError("an FP8 x (float8_e4m3fn payload, float32 scales) carries no gradient, but one of them "
                         "requires grad; dispatch the bf16 x to differentiate through dispatch")
 

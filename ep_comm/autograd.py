@@ -48,8 +48,11 @@ class _Dispatch(torch.autograd.Function):
         ctx.buffer, ctx.handle, ctx.device = buffer, result.handle, x.device
         # Cached dispatch has no top-k outputs; the slots a rank received are those with a local id.
         ctx.recv_slots = None if result.recv_topk_idx is None else result.recv_topk_idx >= 0
+        # Outputs of inputs that need no gradient (FP8 never does) are data.
         if result.recv_x_scales is not None or not x.requires_grad:
-            ctx.mark_non_differentiable(result.recv_x)  # FP8 carries no gradient; nor does an x that needs none
+            ctx.mark_non_differentiable(result.recv_x)
+        if result.recv_topk_weights is not None and not topk_weights.requires_grad:
+            ctx.mark_non_differentiable(result.recv_topk_weights)
         return result.recv_x, result.recv_topk_weights
 
     @staticmethod
