@@ -85,8 +85,9 @@ def _autograd_body(rank, world, group, seed, low_latency=False):
     result = ep_comm.dispatch(x, inputs.topk_idx, w, num_experts=num_experts)
     assert result.recv_x.grad_fn is not None
     out = _experts(result.recv_x, result.recv_topk_idx, result.recv_topk_weights, scales_local)
-    combined = ep_comm.combine(out, result.handle).combined_x
-    (combined.float() * grad_out.float()).sum().backward()
+    combined = ep_comm.combine(out, result.handle, async_finish=True)
+    combined.event.current_stream_wait()   # the backward itself needs no event: its calls are synchronous
+    (combined.combined_x.float() * grad_out.float()).sum().backward()
     want_x, want_w = _dense_grads(seed, world, rank, num_experts)
     _close(x.grad, want_x, "grad of x", seed)
     _close(w.grad, want_w, "grad of topk_weights", seed)
