@@ -5,7 +5,8 @@
                                   [--list] [--keep]
 
 Each mutant is a set of textual replacements in one file of csrc/kernels (intranode.cu,
-common/intranode_device.cuh, low_latency.cu, common/low_latency_layout.cuh, internode.cu; each pattern
+common/intranode_device.cuh, low_latency.cu, common/low_latency_layout.cuh, internode.cu,
+common/internode_layout.cuh; each pattern
 must occur exactly once in the current file, else the script fails loudly: the kernels changed and the mutant
 needs updating). The mutant is applied to a temporary copy of csrc/, its family's driver
 (tests/emulator/{intranode,low_latency,internode}_driver.cpp) is rebuilt from that copy for the
@@ -42,6 +43,7 @@ INTRANODE = "kernels/intranode.cu"
 DEVICE = "kernels/common/intranode_device.cuh"
 LOW_LATENCY = "kernels/low_latency.cu"
 INTERNODE = "kernels/internode.cu"
+IN_LAYOUT = "kernels/common/internode_layout.cuh"
 LL_LAYOUT = "kernels/common/low_latency_layout.cuh"
 
 # Driver cases. TSan runs stay tiny (g++ libtsan: ~8 s and ~3 GB for one call); the bf16 case covers
@@ -309,13 +311,28 @@ MUTANTS: List[Mutant] = [
         [("plain", LL_PLAIN)],
         "FP8 float32 scales written row-major instead of the documented column-major layout", "low_latency"),
 
-    # ---- internode (csrc/kernels/internode.cu; the lead edits it too: patterns kept short) ----
+    # ---- internode (csrc/kernels/internode.cu and its layout) ----
     Mutant(
-        "in_put_without_fence", INTERNODE,
-        [("    if (lane == 0) nvshmem_fence();\n", "")],
-        [("plain", IN_SLOW, SLOW_NETWORK), ("plain", IN_SLOW + ["--seed", "2"], SLOW_NETWORK)],
-        "put_ring_range drops the fence before each put: a later put's tail ADD may land before an earlier "
-        "put's slots", "internode"),
+        "in_arrival_any_lap", IN_LAYOUT,
+        [("  return tag_epoch(word) == epoch && (value >> 16) == (uint32_t(position / capacity) & 0xffffu) ?",
+          "  return tag_epoch(word) == epoch ?")],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("plain", IN_SLOW + IN_TINY_RINGS + ["--seed", "2"], SLOW_NETWORK)],
+        "a reader takes an arrival word of the ring's previous lap: slots not yet rewritten read as delivered",
+        "internode"),
+    Mutant(
+        "in_arrival_any_call", IN_LAYOUT,
+        [("  return tag_epoch(word) == epoch && (value >> 16)", "  return (value >> 16)")],
+        [("plain", IN_SLOW, SLOW_NETWORK), ("plain", IN_PLAIN, SLOW_NETWORK)],
+        "a reader takes an arrival word of an earlier call: the previous call's slots read as delivered",
+        "internode"),
+    Mutant(
+        "in_publish_without_fence", INTERNODE,
+        [("        ptx::fence_acq_rel_sys();  // staged bytes visible to whoever executes the put\n", ""),
+         ("      if (lane == 0) st_release_u64(arrival + begin, word);",
+          "      if (lane == 0) st_relaxed_u64(arrival + begin, word);")],
+        [("thread", IN_TSAN)],
+        "dispatch publishes the slots it wrote in place with neither a fence nor a release before the arrival "
+        "word: the reader may see the word before the slots", "internode"),
     Mutant(
         "in_forward_past_tail", INTERNODE,
         [("      while (consumed < tail && consumed - batch_begin < a.nvl_chunk) {\n",
@@ -324,12 +341,13 @@ MUTANTS: List[Mutant] = [
          ("plain", IN_CREDIT_ORDER + ["--seed", "3"], SLOW_NETWORK), ("thread", IN_TSAN)],
         "the dispatch forwarder copies slots up to the announced total without waiting for the tail", "internode"),
     Mutant(
-        "in_tail_not_acquired", INTERNODE,
-        [("      const int tail = warp_network_counter(cm.buffer + lay.rdma_tail(m, c), lane);\n",
-          "      const int tail = __shfl_sync(kFullMask, int(ptx::ld_relaxed_sys(reinterpret_cast<const unsigned "
-          "long long*>(cm.buffer + lay.rdma_tail(m, c)))), 0);\n")],
+        "in_arrival_not_acquired", INTERNODE,
+        [("    for (int n; (n = arrival_slots(network_signal(words + f % capacity), epoch, f, capacity)) > 0;) f += n;",
+          "    for (int n; (n = arrival_slots(ptx::ld_relaxed_sys(reinterpret_cast<const unsigned long long*>(words + "
+          "f % capacity)), epoch, f, capacity)) > 0;) f += n;")],
         [("thread", IN_TSAN)],
-        "the dispatch forwarder reads the RDMA tail relaxed: the slots it then copies are not acquired", "internode"),
+        "the dispatch forwarder reads the arrival words relaxed: the slots it then copies are not acquired",
+        "internode"),
     Mutant(
         "in_rdma_credit_plus_one", INTERNODE,
         [("uint64_t(consumed - batch_begin), NVSHMEM_SIGNAL_ADD, source);",
@@ -363,15 +381,11 @@ MUTANTS: List[Mutant] = [
         "credit goes back and the forwarder stalls", "internode"),
     Mutant(
         "in_put_wrong_node", INTERNODE,
-        [("lay.rdma_recv(my_node, c), slot_bytes, capacity", "lay.rdma_recv(n, c), slot_bytes, capacity")],
+        [("lay.rdma_recv(my_node, c),\n                        reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_arrival(my_node, c)), "
+          "slot_bytes, capacity", "lay.rdma_recv(n, c),\n                        reinterpret_cast<uint64_t*>(cm.buffer + "
+          "lay.rdma_arrival(n, c)), slot_bytes, capacity")],
         [("plain", IN_PLAIN)],
         "dispatch puts into the forwarder's ring of the destination node instead of the source node's", "internode"),
-    Mutant(
-        "in_rdma_tail_not_reset", INTERNODE,
-        [("      if (finished && lane == 0) st_relaxed_u64(cm.buffer + lay.rdma_tail(m, c), 0);", "")],
-        [("plain", IN_PLAIN)],
-        "the dispatch forwarder leaves its RDMA tail counting: the next call's forwarder or receiver trusts stale "
-        "slots", "internode"),
     Mutant(
         "in_combine_drop_bias1", INTERNODE,
         [("        if (bias1 != nullptr) {\n", "        if (bias1 != nullptr && false) {\n")],

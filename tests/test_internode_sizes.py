@@ -53,7 +53,7 @@ def test_ranks_per_node_from_environment(monkeypatch):
 def test_layout_regions_are_ordered_and_fill_the_total():
     for num_ranks, rpn in ((4, 2), (8, 4), (8, 2), (16, 8), (24, 3)):
         lay = C.internode_layout(512, num_ranks, 3, 8, rpn)
-        keys = ["notify_recv_begin", "rdma_tail_begin", "nvl_tail_begin", "rdma_send_begin", "rdma_recv_begin",
+        keys = ["notify_recv_begin", "nvl_tail_begin", "rdma_arrival_begin", "rdma_send_begin", "rdma_recv_begin",
                 "nvl_ring_begin", "total_bytes"]
         offsets = [lay[k] for k in keys]
         assert offsets == sorted(offsets), lay
@@ -79,6 +79,8 @@ def test_invalid_sizes_are_refused():
         C.internode_rdma_buffer_bytes(512, 6, 2, 4, 4)
     with pytest.raises(ValueError, match="num_channels"):
         C.internode_rdma_buffer_bytes(512, 8, C.INTERNODE_MAX_CHANNELS + 1, 4, 2)
+    with pytest.raises(ValueError, match="num_max_rdma_chunked_recv_tokens"):
+        C.internode_rdma_buffer_bytes(512, 8, 2, 16385, 2)
     with pytest.raises(ValueError, match="ranks per node"):
         C.internode_rdma_buffer_bytes(512, 2 * (C.INTERNODE_MAX_LOCAL_RANKS + 1), 2, 4,
                                       C.INTERNODE_MAX_LOCAL_RANKS + 1)

@@ -45,7 +45,9 @@ void check_sizes(int64_t hidden_bytes, int num_ranks, int ranks_per_node, int nu
     fail("at most " + std::to_string(in::kMaxLocalRanks) + " ranks per node, got " + std::to_string(ranks_per_node));
   if (num_channels <= 0 || num_channels > in::kMaxChannels)
     fail("num_channels must be in 1.." + std::to_string(in::kMaxChannels) + ", got " + std::to_string(num_channels));
-  if (ring_tokens <= 0) fail("num_max_rdma_chunked_recv_tokens must be positive, got " + std::to_string(ring_tokens));
+  if (ring_tokens <= 0 || ring_tokens > in::kMaxRdmaRingTokens)
+    fail("num_max_rdma_chunked_recv_tokens must be in 1.." + std::to_string(in::kMaxRdmaRingTokens) + ", got " +
+         std::to_string(ring_tokens));
 }
 
 py::dict layout_dict(const in::Layout& l) {
@@ -57,7 +59,8 @@ py::dict layout_dict(const in::Layout& l) {
   d["rdma_ring_bytes"] = l.rdma_ring_bytes;
   d["nvl_ring_bytes"] = l.nvl_ring_bytes;
   d["notify_recv_begin"] = l.notify_recv_begin();
-  d["rdma_tail_begin"] = l.rdma_tail_begin();
+  d["rdma_arrival_begin"] = l.rdma_arrival_begin();
+  d["ring_slots"] = l.ring_slots;
   d["nvl_tail_begin"] = l.nvl_tail_begin();
   d["rdma_send_begin"] = l.rdma_send_begin();
   d["rdma_recv_begin"] = l.rdma_recv_begin();

@@ -4,13 +4,13 @@
 // Dispatch (one block per channel c; a source's tokens are split into C contiguous ranges):
 //   sender warps     for each destination node n: stage every token of my range that has a rank in
 //                    node n into rdma_send[n][c], put it to the rank with my local index there
-//                    (the "forwarder"), tail += k with the put (NVSHMEM_SIGNAL_ADD); finally
-//                    rdma_done = tag(epoch, total). The slot header holds the token's final row at
+//                    (the "forwarder"), each put announcing its slots in the arrival word of its
+//                    first slot (SET with the put); finally rdma_done = tag(epoch, total). The slot header holds the token's final row at
 //                    each rank of node n, known everywhere from the notified R x R count matrix:
 //                    row = sum_{s' < s} count[s'][d] + (index of the token among s's tokens for d).
 //   forwarder warps  for each source node m: copy each arrived slot verbatim into the NVL ring
 //                    (source s, c) of every local rank it goes to; publish tails (with a done bit at
-//                    the end) and hand the RDMA slots back (rdma_head, tagged SET).
+//                    the end) and hand the RDMA slots back (rdma_head, ADD).
 //   receiver warps   for each source rank s: copy slots of ring (s, c) to their explicit rows.
 // Rows are explicit, so arrival order never matters: the output is deterministic.
 //
@@ -19,8 +19,8 @@
 //                    go to the forwarder of s in my node, NVL ring keyed (my local index, node of s).
 //   forwarder warps  for each source node m: merge the L rings of source s=(m, my local) by token
 //                    (each ring ascending), sum the rows of one token in local-rank order in float32,
-//                    stage the partial (bf16, or float32 with float_partials) and put it to s (tail
-//                    ADD with the put).
+//                    stage the partial (bf16, or float32 with float_partials) and put it to s (an
+//                    arrival word SET with the put).
 //   receiver warps   for each of my tokens (ascending, W warps in rounds): add the partials of the
 //                    nodes the token went to in node order, then the biases, round to bf16.
 //
@@ -127,34 +127,47 @@ __device__ __forceinline__ void warp_copy_from_ring(void* dst, const void* src, 
   for (int64_t i = lane; i < n; i += 32) ptx::st_na_global(d + i, ld_volatile_v4(s + i));
 }
 
-// Puts slots [first, first + count) of a ring of `capacity` slots (wrapping) from my staging ring to
-// the peer's ring at the same offsets, adding the number of slots to the peer's tail word with each
-// piece. Whole warp.
-__device__ __forceinline__ void put_ring_range(uint8_t* staging, uint8_t* remote, int64_t slot_bytes, int capacity,
-                                               int first, int count, uint64_t* remote_tail, int pe, int lane) {
-  int begin = first % capacity;
+// Sends slots [first, first + count) of a ring of `capacity` slots (wrapping) to its reader: one
+// put-with-signal per contiguous piece, whose SET of the arrival word at the piece's first slot
+// lands after that put's own data (NVSHMEM orders a put before its own signal only). Every piece
+// announces itself, so puts may land in any order (unordered transports, several queue pairs) and
+// need no fence between them, which would cost a round trip per batch where nvshmem_fence is a
+// quiet (IBGDA); the reader walks the words in ring order (warp_ring_arrived). In place (the reader
+// is this rank and `staging` is its ring), a release store of the word publishes the slots. Whole
+// warp; the slots' stores were fenced by every lane and the warp synced.
+__device__ __forceinline__ void send_ring_range(uint8_t* staging, uint8_t* ring, uint64_t* arrival, int64_t slot_bytes,
+                                                int capacity, int first, int count, uint32_t epoch, int pe,
+                                                bool in_place, int lane) {
+  int position = first;
   while (count > 0) {
+    const int begin = position % capacity;
     const int piece = count < capacity - begin ? count : capacity - begin;
-    // The tail is an ADD counter: a reader that sees tail >= k reads every slot below k. NVSHMEM
-    // delivers a put's data before ITS OWN signal only; the signal of a later put may land before
-    // the data of an earlier one (unordered transports: libfabric/EFA, proxies without ordered
-    // ops), and the reader would take undelivered slots. nvshmem_fence orders delivery to one PE
-    // (a no-op on ordered transports). One writer warp per tail, so this warp's puts are all there is.
-    if (lane == 0) nvshmem_fence();
-    __syncwarp();
-    nvshmemx_putmem_signal_nbi_warp(remote + int64_t(begin) * slot_bytes, staging + int64_t(begin) * slot_bytes,
-                                    size_t(piece) * size_t(slot_bytes), remote_tail, uint64_t(piece),
-                                    NVSHMEM_SIGNAL_ADD, pe);
+    const uint64_t word = arrival_tag(epoch, position, capacity, piece);
+    if (in_place) {
+      if (lane == 0) st_release_u64(arrival + begin, word);
+    } else {
+      nvshmemx_putmem_signal_nbi_warp(ring + int64_t(begin) * slot_bytes, staging + int64_t(begin) * slot_bytes,
+                                      size_t(piece) * size_t(slot_bytes), arrival + begin, word, NVSHMEM_SIGNAL_SET,
+                                      pe);
+    }
+    position += piece;
     count -= piece;
-    begin = 0;
   }
 }
 
-// Slots of a ring this rank writes in place (its own node's forwarder, or source, is itself: the
-// ring is local, so no staging copy and no put): a release add on the tail publishes them, as a
-// put-with-signal's ADD would. The slots' stores were fenced by every lane and the warp synced.
-__device__ __forceinline__ void publish_in_place(void* tail, int count, int lane) {
-  if (lane == 0) ptx::red_add_release_sys(static_cast<unsigned long long*>(tail), static_cast<unsigned long long>(count));
+// Where the delivered part of a ring ends: walks its arrival words from `frontier` (a piece start)
+// while they announce pieces of this call and lap. Lane 0 reads through NVSHMEM (an acquire) and
+// broadcasts; __syncwarp passes the acquire on to the warp (see warp_tagged_value).
+__device__ __forceinline__ int warp_ring_arrived(const void* arrival, int frontier, int capacity, uint32_t epoch,
+                                                 int lane) {
+  int f = frontier;
+  if (lane == 0) {
+    const auto* words = static_cast<const uint64_t*>(arrival);
+    for (int n; (n = arrival_slots(network_signal(words + f % capacity), epoch, f, capacity)) > 0;) f += n;
+  }
+  f = __shfl_sync(kFullMask, f, 0);
+  __syncwarp();
+  return f;
 }
 
 // An error recorded before this kernel started (a notify timeout or layout mismatch, more rows than
@@ -292,7 +305,7 @@ struct DispatchShared {
   int* column_prefix;    // [R] rows before mine at each destination
   int* send_next;        // [N] next token to scan, per destination node (te + 1 when done)
   int* send_count;       // [N] slots sent
-  int* send_head;        // [N] cached head
+  int* fwd_arrived;      // [N] RDMA slots delivered, per source node (a piece boundary)
   int* fwd_consumed;     // [N] RDMA slots consumed, per source node
   int* fwd_total;        // [N] tokens the source node will send (-1 unknown)
   int* fwd_done;         // [N]
@@ -315,7 +328,7 @@ __device__ DispatchShared dispatch_smem(uint8_t* raw, int num_ranks, int ranks_p
   s.column_prefix = p; p += num_ranks;
   s.send_next = p; p += nodes;
   s.send_count = p; p += nodes;
-  s.send_head = p; p += nodes;
+  s.fwd_arrived = p; p += nodes;
   s.fwd_consumed = p; p += nodes;
   s.fwd_total = p; p += nodes;
   s.fwd_done = p; p += nodes;
@@ -336,7 +349,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
   int tb, te;
   channel_token_range(a.num_tokens, lay.num_channels, c, tb, te);
   for (int n = warp; n < N; n += kDispatchSendWarps) {
-    if (lane == 0) sh.send_next[n] = tb, sh.send_count[n] = 0, sh.send_head[n] = 0;
+    if (lane == 0) sh.send_next[n] = tb, sh.send_count[n] = 0;
   }
   __syncwarp();
 
@@ -383,12 +396,9 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
       if (sent > batch_begin) {
         ptx::fence_acq_rel_sys();  // staged bytes visible to whoever executes the put
         __syncwarp();
-        if (in_place)
-          publish_in_place(cm.buffer + lay.rdma_tail(my_node, c), sent - batch_begin, lane);
-        else
-          put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), slot_bytes, capacity, batch_begin,
-                         sent - batch_begin, reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)),
-                         forwarder, lane);
+        send_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c),
+                        reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_arrival(my_node, c)), slot_bytes, capacity,
+                        batch_begin, sent - batch_begin, epoch, forwarder, in_place, lane);
       }
       if (t != sh.send_next[n]) progressed = true;
       if (t == te) {
@@ -400,7 +410,7 @@ __device__ void dispatch_sender(const Common& cm, const DispatchArgs& a, Dispatc
         progressed = true;
       }
       __syncwarp();
-      if (lane == 0) sh.send_next[n] = t, sh.send_count[n] = sent, sh.send_head[n] = head;
+      if (lane == 0) sh.send_next[n] = t, sh.send_count[n] = sent;
       __syncwarp();
     }
     if (all_done) break;
@@ -426,7 +436,7 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
   const uint32_t epoch = uint32_t(cm.epoch);
   const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   for (int m = warp; m < N; m += kDispatchForwardWarps) {
-    if (lane == 0) sh.fwd_consumed[m] = 0, sh.fwd_total[m] = -1, sh.fwd_done[m] = 0;
+    if (lane == 0) sh.fwd_arrived[m] = 0, sh.fwd_consumed[m] = 0, sh.fwd_total[m] = -1, sh.fwd_done[m] = 0;
     if (lane < L) sh.fwd_nvl_sent[m * L + lane] = 0, sh.fwd_nvl_head[m * L + lane] = 0;
   }
   __syncwarp();
@@ -441,7 +451,8 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
       const int source = m * L + my_local;
       int total = sh.fwd_total[m];
       if (total < 0) total = int(warp_network_tagged(cm.buffer + lay.rdma_done(m, c), epoch, uint32_t(-1), lane));
-      const int tail = warp_network_counter(cm.buffer + lay.rdma_tail(m, c), lane);
+      const int tail = warp_ring_arrived(cm.buffer + lay.rdma_arrival(m, c), sh.fwd_arrived[m], rdma_capacity, epoch,
+                                         lane);
       int consumed = sh.fwd_consumed[m];
       // Lane l < L tracks the NVL ring (source, c) at local rank l.
       int nvl_sent = 0, nvl_head = 0;
@@ -480,9 +491,9 @@ __device__ void dispatch_forwarder(const Common& cm, const DispatchArgs& a, Disp
                              uint64_t(consumed - batch_begin), NVSHMEM_SIGNAL_ADD, source);
         progressed = true;
       }
-      if (finished && lane == 0) st_relaxed_u64(cm.buffer + lay.rdma_tail(m, c), 0);  // all adds have landed
       __syncwarp();
-      if (lane == 0) sh.fwd_consumed[m] = consumed, sh.fwd_total[m] = total, sh.fwd_done[m] = finished;
+      if (lane == 0) sh.fwd_arrived[m] = tail, sh.fwd_consumed[m] = consumed, sh.fwd_total[m] = total,
+                     sh.fwd_done[m] = finished;
       if (lane < L) sh.fwd_nvl_sent[m * L + lane] = nvl_sent, sh.fwd_nvl_head[m * L + lane] = nvl_head;
       __syncwarp();
     }
@@ -627,9 +638,9 @@ struct CombineShared {
   int* send_head;             // [R]
   int* send_done;             // [R]
   int* fwd_sent;              // [N] RDMA slots sent per source node
-  int* fwd_head;              // [N]
   int* fwd_done;              // [N]
   int* fwd_consumed;          // [N][L]
+  int* recv_arrived;          // [N] RDMA slots delivered per node (a piece boundary)
   int* recv_base;             // [N] RDMA slots consumed per node (at round starts)
   int* recv_hit;              // [kCombineRecvWarps][N] 1 if the warp's token went to node n
   int* recv_pos;              // [kCombineRecvWarps][N] its slot position in ring n, or -1
@@ -655,9 +666,9 @@ __device__ CombineShared combine_smem(uint8_t* raw, int num_ranks, int ranks_per
   s.send_head = p; p += num_ranks;
   s.send_done = p; p += num_ranks;
   s.fwd_sent = p; p += nodes;
-  s.fwd_head = p; p += nodes;
   s.fwd_done = p; p += nodes;
   s.fwd_consumed = p; p += nodes * ranks_per_node;
+  s.recv_arrived = p; p += nodes;
   s.recv_base = p; p += nodes;
   s.recv_hit = p; p += kCombineRecvWarps * nodes;
   s.recv_pos = p; p += kCombineRecvWarps * nodes;
@@ -762,7 +773,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
   const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   const uint8_t** slot_ptr = sh.slot_ptr + warp * kMaxLocalRanks;
   for (int m = warp; m < N; m += kCombineForwardWarps) {
-    if (lane == 0) sh.fwd_sent[m] = 0, sh.fwd_head[m] = 0, sh.fwd_done[m] = 0;
+    if (lane == 0) sh.fwd_sent[m] = 0, sh.fwd_done[m] = 0;
     if (lane < L) sh.fwd_consumed[m * L + lane] = 0;
   }
   __syncwarp();
@@ -847,12 +858,9 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       if (sent > batch_begin) {
         ptx::fence_acq_rel_sys();
         __syncwarp();
-        if (in_place)
-          publish_in_place(cm.buffer + lay.rdma_tail(my_node, c), sent - batch_begin, lane);
-        else
-          put_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c), rdma_slot_bytes, rdma_capacity,
-                         batch_begin, sent - batch_begin,
-                         reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_tail(my_node, c)), source, lane);
+        send_ring_range(staging, cm.buffer + lay.rdma_recv(my_node, c),
+                        reinterpret_cast<uint64_t*>(cm.buffer + lay.rdma_arrival(my_node, c)), rdma_slot_bytes,
+                        rdma_capacity, batch_begin, sent - batch_begin, epoch, source, in_place, lane);
         progressed = true;
       }
       // Hand consumed NVL slots back to their writers.
@@ -863,7 +871,7 @@ __device__ void combine_forwarder(const Common& cm, const CombineArgs& a, Combin
       }
       if (finished) progressed = true;
       __syncwarp();
-      if (lane == 0) sh.fwd_sent[m] = sent, sh.fwd_head[m] = head, sh.fwd_done[m] = finished;
+      if (lane == 0) sh.fwd_sent[m] = sent, sh.fwd_done[m] = finished;
       if (lane < L) sh.fwd_consumed[m * L + lane] = consumed;
       __syncwarp();
     }
@@ -887,12 +895,13 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
   const Layout& lay = cm.layout;
   const int R = lay.num_ranks, L = lay.ranks_per_node, N = lay.num_nodes, c = blockIdx.x;
   const int my_node = cm.rank / L, my_local = cm.rank % L;
+  const uint32_t epoch = uint32_t(cm.epoch);
   const int parity = int(cm.epoch & 1);  // this call's rdma_head array
   const int num_threads = num_warps * 32;
   int tb, te;
   channel_token_range(a.num_tokens, lay.num_channels, c, tb, te);
   if (warp == 0) {
-    for (int n = lane; n < N; n += 32) sh.recv_base[n] = 0;
+    for (int n = lane; n < N; n += 32) sh.recv_base[n] = 0, sh.recv_arrived[n] = 0;
     if (lane == 0) sh.recv_abort[0] = 0;
   }
   named_barrier(1, num_threads);
@@ -910,6 +919,36 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
       hit[n] = any;
     }
     named_barrier(1, num_threads);
+    if (warp == 0) {
+      // Wait until every node's ring holds this round's slots. One lane per node walks the arrival
+      // words (an acquire each); the barrier below hands what they acquired to every warp.
+      for (int n = lane; n < N; n += 32) {
+        int need = sh.recv_base[n];
+        for (int w = 0; w < num_warps; ++w) need += sh.recv_hit[w * N + n];
+        const auto* words = reinterpret_cast<const uint64_t*>(cm.buffer + lay.rdma_arrival(n, c));
+        int arrived = sh.recv_arrived[n];
+        const long long start = global_timer_ns();
+        unsigned spins = 0;
+        while (!*abort && arrived < need) {
+          const int slots = arrival_slots(network_signal(words + arrived % capacity), epoch, arrived, capacity);
+          if (slots > 0) {
+            arrived += slots;
+            continue;
+          }
+          if (spin_timed_out(start, cm.timeout_ns)) {
+            report_timeout(cm.error_slot, cm.rank, kPhaseCombineRecv, n * L + my_local, round_begin);
+            *abort = 1;
+          }
+          // A failure elsewhere (this kernel's sender/forwarder, another block) means the slots may
+          // never come: stop now rather than after the full timeout. The slot is host memory (a PCIe
+          // read), so look every 256 polls only. Setting abort keeps every receiver warp going
+          // through the round's named barriers (nobody leaves early).
+          if ((++spins & 255u) == 0 && error_reported(cm.error_slot)) *abort = 1;
+        }
+        sh.recv_arrived[n] = arrived;
+      }
+    }
+    named_barrier(1, num_threads);
     if (active) {
       // Slot of my token in each node's ring: consumed so far + earlier tokens of this round there.
       for (int n = lane; n < N; n += 32) {
@@ -917,19 +956,6 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
         if (hit[n]) {
           p = sh.recv_base[n];
           for (int w = 0; w < warp; ++w) p += sh.recv_hit[w * N + n];
-          const long long start = global_timer_ns();
-          unsigned spins = 0;
-          while (!*abort && int(network_signal(cm.buffer + lay.rdma_tail(n, c))) <= p) {
-            if (spin_timed_out(start, cm.timeout_ns)) {
-              report_timeout(cm.error_slot, cm.rank, kPhaseCombineRecv, n * L + my_local, t);
-              *abort = 1;
-            }
-            // A failure elsewhere (this kernel's sender/forwarder, another block) means the slot may
-            // never come: stop now rather than after the full timeout. The slot is host memory (a PCIe
-            // read), so look every 256 polls only. Setting abort keeps every receiver warp going
-            // through the round's named barriers (nobody leaves early).
-            if ((++spins & 255u) == 0 && error_reported(cm.error_slot)) *abort = 1;
-          }
           const int seen = ld_volatile_i32(cm.buffer + lay.rdma_recv(n, c) + int64_t(p % capacity) * slot_bytes);
           if (seen != t && !*abort) {
             report_error(cm.error_slot, kErrorInvalidInput, cm.rank, kPhaseCombineRecv, n * L + my_local, seen);
@@ -1008,9 +1034,6 @@ __device__ void combine_receiver(const Common& cm, const CombineArgs& a, Combine
     }
     named_barrier(1, num_threads);
   }
-  // Every put of this call into my rings has landed (each was consumed): zero the add-counters.
-  if (warp == 0 && !*abort)
-    for (int n = lane; n < N; n += 32) st_relaxed_u64(cm.buffer + lay.rdma_tail(n, c), 0);
 }
 
 __global__ void __launch_bounds__((kCombineSendWarps + kCombineForwardWarps + kCombineRecvWarps) * 32, 1)

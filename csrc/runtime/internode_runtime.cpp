@@ -76,7 +76,8 @@ internode::Layout internode_checked_layout(int64_t num_bytes, int64_t hidden_byt
   EP_HOST_ASSERT(num_channels > 0 && num_channels <= internode::kMaxChannels,
                  "internode mode supports 1.." + std::to_string(internode::kMaxChannels) +
                      " channels (Config.num_sms / 2), got " + std::to_string(num_channels));
-  EP_HOST_ASSERT(ring_tokens > 0, "num_max_rdma_chunked_recv_tokens must be positive");
+  EP_HOST_ASSERT(ring_tokens > 0 && ring_tokens <= internode::kMaxRdmaRingTokens,
+                 "num_max_rdma_chunked_recv_tokens must be in 1.." + std::to_string(internode::kMaxRdmaRingTokens));
   EP_HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0,
                  "ranks_per_node (" + std::to_string(ranks_per_node) + ") must divide num_ranks (" +
                      std::to_string(num_ranks) + ")");

@@ -37,7 +37,7 @@ from ep_comm import agreement
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput,
                                    destroy_at_exit)
-from ep_comm.backends.target import KernelTarget, cuda_target
+from ep_comm.backends.target import KernelTarget, resolve_target
 from ep_comm.config import Config
 
 
@@ -81,13 +81,7 @@ class InternodeBackend(Backend):
     def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
         """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        if target is None:
-            if ctx.device.type != "cuda":
-                raise ValueError(f"the internode backend needs a CUDA device, got {ctx.device}")
-            target = cuda_target(ctx.device)
-        elif ctx.device.type != target.device.type:
-            raise ValueError(f"this Buffer's device is {ctx.device}, but the internode kernels run on {target.device}")
-        self._target = target
+        self._target = target = resolve_target(ctx.device, target, "the internode kernels")
         self._C = target.module
         if ctx.num_nodes < 2:
             raise ValueError("the internode backend serves groups spanning several nodes; this one is a single node "

@@ -38,7 +38,7 @@ import torch
 
 from ep_comm import agreement
 from ep_comm.backends.base import Backend, BackendContext, DispatchArgs, DispatchHandle, DispatchOutput
-from ep_comm.backends.target import KernelTarget, cuda_target
+from ep_comm.backends.target import KernelTarget, resolve_target
 from ep_comm.config import Config
 
 # Backends still holding a buffer at interpreter exit. atexit runs while CUDA is still alive,
@@ -88,13 +88,7 @@ class IntranodeBackend(Backend):
     def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
         """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        if target is None:
-            if ctx.device.type != "cuda":
-                raise ValueError(f"the intranode backend needs a CUDA device, got {ctx.device}")
-            target = cuda_target(ctx.device)
-        elif ctx.device.type != target.device.type:
-            raise ValueError(f"this Buffer's device is {ctx.device}, but the intranode kernels run on {target.device}")
-        self._target = target
+        self._target = target = resolve_target(ctx.device, target, "the intranode kernels")
         self._C = target.module
         if ctx.num_nodes != 1:
             raise ValueError(f"the intranode backend serves ranks of one node; this group spans {ctx.num_nodes} "

@@ -24,7 +24,7 @@ from ep_comm import agreement
 from ep_comm.backends import nvshmem
 from ep_comm.backends.base import (Backend, BackendContext, LowLatencyCombineArgs, LowLatencyDispatchArgs,
                                    LowLatencyDispatchOutput, LowLatencyHandle, destroy_at_exit)
-from ep_comm.backends.target import KernelTarget, cuda_target
+from ep_comm.backends.target import KernelTarget, resolve_target
 
 _FP8_BLOCK = 128
 _UE8M0_BLOCK = 512
@@ -61,13 +61,7 @@ class LowLatencyBackend(Backend):
     def __init__(self, ctx: BackendContext, target: Optional[KernelTarget] = None) -> None:
         """target: the CUDA kernels on ctx.device unless given (e.g. the emulated device)."""
         self.ctx = ctx
-        if target is None:
-            if ctx.device.type != "cuda":
-                raise RuntimeError("the low-latency kernels need a CUDA device")
-            target = cuda_target(ctx.device)
-        elif ctx.device.type != target.device.type:
-            raise ValueError(f"this Buffer's device is {ctx.device}, but the low-latency kernels run on {target.device}")
-        self._target = target
+        self._target = target = resolve_target(ctx.device, target, "the low-latency kernels")
         self._C = target.module
         if ctx.num_rdma_bytes <= 0:
             raise ValueError("low_latency_mode=True needs num_rdma_bytes > 0; size it with "

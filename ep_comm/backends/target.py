@@ -66,6 +66,19 @@ class KernelTarget:
                 f"for {words} buffers on a CPU, or backend='kernels' on a GPU")
 
 
+def resolve_target(device: torch.device, target: "KernelTarget | None", words: str) -> KernelTarget:
+    """The target a kernel backend of a Buffer on `device` runs on: `target` when given (the emulated
+    device), else the CUDA kernels on `device`. ValueError when they do not match; `words` names
+    the kernels in messages ('the intranode kernels')."""
+    if target is None:
+        if device.type != "cuda":
+            raise ValueError(f"{words} need a CUDA device, got {device}")
+        return cuda_target(device)
+    if device.type != target.device.type:
+        raise ValueError(f"this Buffer's device is {device}, but {words} run on {target.device}")
+    return target
+
+
 def cuda_target(device: torch.device) -> KernelTarget:
     """The CUDA kernels on `device` (a cuda device; its index defaults to the current one)."""
     if device.type != "cuda":

@@ -15,6 +15,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -22,6 +23,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -92,6 +95,107 @@ inline std::vector<std::string> split_list(const std::string& text) {
     if (!item.empty()) items.push_back(item);
   return items;
 }
+
+// Options every driver takes; a driver's Options derives from this and sets its own defaults.
+struct CommonOptions {
+  int ranks = 2;
+  int tokens = 24;
+  int hidden = 256;
+  int topk = 4;
+  uint64_t seed = 1;
+  std::vector<std::string> cases;
+  double timeout_s = 20.0;  // the kernels' own device timeout
+  double deadline_s = 0.0;  // the driver's: 0 = 600 s
+  bool sync_each = false;   // synchronise after every kernel (as the Python backend on the emulator)
+  int max_reports = 8;      // mismatch lines per array
+  bool verbose = false;
+};
+
+// A driver's command line: the common options, plus the driver's own declared by name. `--cases`
+// takes a comma list; "all" stands for `all_cases`, and `extra_cases` may be named as well.
+class OptionParser {
+ public:
+  OptionParser(CommonOptions& o, std::vector<std::string> all_cases, std::vector<std::string> extra_cases,
+               void (*usage)(const char*))
+      : o_(o), all_(std::move(all_cases)), valid_(all_), usage_(usage) {
+    valid_.insert(valid_.end(), extra_cases.begin(), extra_cases.end());
+    add("--ranks", o.ranks);
+    add("--tokens", o.tokens);
+    add("--hidden", o.hidden);
+    add("--topk", o.topk);
+    add("--max-reports", o.max_reports);
+    add("--timeout-s", o.timeout_s);
+    add("--deadline-s", o.deadline_s);
+    values_["--seed"] = [&o](const char* v) { o.seed = std::strtoull(v, nullptr, 10); };
+    flag("--sync-each", o.sync_each);
+    flag("--verbose", o.verbose);
+  }
+  void add(const std::string& name, int& v) { values_[name] = [&v](const char* text) { v = std::atoi(text); }; }
+  void add(const std::string& name, double& v) { values_[name] = [&v](const char* text) { v = std::atof(text); }; }
+  void add(const std::string& name, std::function<void(const char*)> set) { values_[name] = std::move(set); }
+  void flag(const std::string& name, bool& v) { flags_[name] = &v; }
+
+  // False (after the usage text) on an unknown option or case; exits 0 on --help.
+  bool parse(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "-h" || a == "--help") {
+        usage_(argv[0]);
+        std::exit(0);
+      } else if (a == "--cases") {
+        if (!set_cases(option_value(argc, argv, i))) return false;
+      } else if (auto f = flags_.find(a); f != flags_.end()) {
+        *f->second = true;
+      } else if (auto v = values_.find(a); v != values_.end()) {
+        v->second(option_value(argc, argv, i));
+      } else {
+        std::fprintf(stderr, "unknown option %s\n", a.c_str());
+        usage_(argv[0]);
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // The driver's verdict on the values: false (printed) when `bad` names a problem.
+  bool accept(const char* bad) {
+    if (bad == nullptr && o_.cases.empty()) bad = "nothing to run";
+    if (bad != nullptr) {
+      std::fprintf(stderr, "%s\n", bad);
+      return false;
+    }
+    if (o_.deadline_s <= 0) o_.deadline_s = 600.0;
+    return true;
+  }
+
+ private:
+  bool set_cases(const std::string& list) {
+    std::vector<std::string> cases;
+    auto add_case = [&cases](const std::string& c) {
+      if (std::find(cases.begin(), cases.end(), c) == cases.end()) cases.push_back(c);
+    };
+    for (const std::string& item : split_list(list)) {
+      if (item == "all") {
+        for (const std::string& c : all_) add_case(c);
+      } else if (std::find(valid_.begin(), valid_.end(), item) != valid_.end()) {
+        add_case(item);
+      } else {
+        std::string names;
+        for (const std::string& c : valid_) names += c + ", ";
+        std::fprintf(stderr, "unknown case '%s' (%sall)\n", item.c_str(), names.c_str());
+        return false;
+      }
+    }
+    o_.cases = cases;
+    return true;
+  }
+
+  CommonOptions& o_;
+  std::vector<std::string> all_, valid_;
+  void (*usage_)(const char*);
+  std::map<std::string, std::function<void(const char*)>> values_;
+  std::map<std::string, bool*> flags_;
+};
 
 // Each block maps a stack and a guard page per thread (2 mappings each), and all blocks of all
 // ranks' running kernels are alive at once in one process: warn when `fibers` (all of them at

@@ -78,26 +78,21 @@ namespace in = ep_comm::internode;
 
 const std::vector<std::string> kAllCases{"bf16", "fp8", "cached", "worst"};
 
-struct Options {
-  int ranks = 4;
+struct Options : CommonOptions {
   int per_node = 2;
-  int tokens = 24;   // most tokens a rank dispatches
-  int hidden = 256;  // two FP8 scale blocks
   int experts = 0;   // 0: 3 per rank
-  int topk = 4;
-  uint64_t seed = 1;
   int channels = 2;
   int ring_tokens = 8;  // Config.num_max_rdma_chunked_recv_tokens: the RDMA ring; the NVL ring is 1/8 (>= 2)
   int rdma_chunk = 3;   // Config.num_max_rdma_chunked_send_tokens
   int nvl_chunk = 2;    // Config.num_max_nvl_chunked_send_tokens
   int sms = 0;          // emulated SMs (the layout kernel's grid); 0: the emulator's default
-  std::vector<std::string> cases = kAllCases;
-  double timeout_s = 20.0;  // the kernels' own device timeout
-  double deadline_s = 0.0;  // the driver's: 0 = 600 s
-  bool sync_each = false;   // synchronise after every kernel (as the Python backend on the emulator)
   bool float_partials = false;  // combine's node partials cross the network as float32 (else bf16)
-  int max_reports = 8;
-  bool verbose = false;
+  Options() {
+    ranks = 4;
+    tokens = 24;  // most tokens a rank dispatches
+    hidden = 256;  // two FP8 scale blocks
+    cases = kAllCases;
+  }
 };
 
 void usage(const char* argv0) {
@@ -113,45 +108,17 @@ void usage(const char* argv0) {
 }
 
 bool parse(int argc, char** argv, Options& o) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&] { return option_value(argc, argv, i); };
-    if (a == "--ranks") o.ranks = std::atoi(value());
-    else if (a == "--per-node") o.per_node = std::atoi(value());
-    else if (a == "--tokens") o.tokens = std::atoi(value());
-    else if (a == "--hidden") o.hidden = std::atoi(value());
-    else if (a == "--experts") o.experts = std::atoi(value());
-    else if (a == "--topk") o.topk = std::atoi(value());
-    else if (a == "--seed") o.seed = std::strtoull(value(), nullptr, 10);
-    else if (a == "--channels") o.channels = std::atoi(value());
-    else if (a == "--ring-tokens") o.ring_tokens = std::atoi(value());
-    else if (a == "--rdma-chunk") o.rdma_chunk = std::atoi(value());
-    else if (a == "--nvl-chunk") o.nvl_chunk = std::atoi(value());
-    else if (a == "--sms") o.sms = std::atoi(value());
-    else if (a == "--timeout-s") o.timeout_s = std::atof(value());
-    else if (a == "--deadline-s") o.deadline_s = std::atof(value());
-    else if (a == "--max-reports") o.max_reports = std::atoi(value());
-    else if (a == "--sync-each") o.sync_each = true;
-    else if (a == "--float-partials") o.float_partials = true;
-    else if (a == "--verbose") o.verbose = true;
-    else if (a == "--cases") {
-      o.cases = split_list(value());
-      if (std::find(o.cases.begin(), o.cases.end(), "all") != o.cases.end()) o.cases = kAllCases;
-    } else if (a == "-h" || a == "--help") {
-      usage(argv[0]);
-      std::exit(0);
-    } else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      usage(argv[0]);
-      return false;
-    }
-  }
+  OptionParser p(o, kAllCases, {}, usage);
+  p.add("--per-node", o.per_node);
+  p.add("--experts", o.experts);
+  p.add("--channels", o.channels);
+  p.add("--ring-tokens", o.ring_tokens);
+  p.add("--rdma-chunk", o.rdma_chunk);
+  p.add("--nvl-chunk", o.nvl_chunk);
+  p.add("--sms", o.sms);
+  p.flag("--float-partials", o.float_partials);
+  if (!p.parse(argc, argv)) return false;
   if (o.experts == 0) o.experts = 3 * o.ranks;
-  for (const std::string& c : o.cases)
-    if (std::find(kAllCases.begin(), kAllCases.end(), c) == kAllCases.end()) {
-      std::fprintf(stderr, "unknown case '%s' (bf16, fp8, cached, worst, all)\n", c.c_str());
-      return false;
-    }
   const char* bad = nullptr;
   if (o.ranks < 1 || o.ranks > 16) bad = "--ranks must be 1..16";
   else if (o.per_node < 1 || o.per_node > in::kMaxLocalRanks || o.ranks % o.per_node != 0)
@@ -165,13 +132,7 @@ bool parse(int argc, char** argv, Options& o) {
   else if (o.ring_tokens < 2) bad = "--ring-tokens must be >= 2";
   else if (o.rdma_chunk < 1 || o.nvl_chunk < 1) bad = "--rdma-chunk and --nvl-chunk must be >= 1";
   else if (o.sms < 0) bad = "--sms must be >= 0";
-  else if (o.cases.empty()) bad = "nothing to run";
-  if (bad != nullptr) {
-    std::fprintf(stderr, "%s\n", bad);
-    return false;
-  }
-  if (o.deadline_s <= 0) o.deadline_s = 600.0;
-  return true;
+  return p.accept(bad);
 }
 
 // ---- what runs ----------------------------------------------------------------------------------------

@@ -74,23 +74,19 @@ namespace in = ep_comm::intranode;
 
 // ---- options -------------------------------------------------------------------------------------
 
-struct Options {
-  int ranks = 2;
-  int tokens = 24;  // tokens of rank 0; others a few fewer, the last rank none
-  int hidden = 128;
+const std::vector<std::string> kAllCases{"bf16", "fp8", "worst"};
+
+struct Options : CommonOptions {
   int channels = 2;
   int slots = 4;  // ring capacity (num_max_nvl_chunked_recv_tokens): small, so rings wrap
   int experts_per_rank = 3;
-  int topk = 4;
-  uint64_t seed = 1;
   int iterations = 1;
-  std::vector<std::string> cases{"bf16", "fp8", "worst"};
-  double timeout_s = 20.0;  // the kernels' own device timeout
   double abort_timeout_s = 3.0;  // the device timeout of the abort case
-  double deadline_s = 0.0;  // the driver's: 0 = 600 s
-  bool sync_each = false;   // synchronise after every op (as the Python backend on the emulator)
-  int max_reports = 8;      // mismatch lines per array
-  bool verbose = false;
+  Options() {
+    tokens = 24;  // tokens of rank 0; others a few fewer, the last rank none
+    hidden = 128;
+    cases = kAllCases;
+  }
 };
 
 void usage(const char* argv0) {
@@ -103,46 +99,13 @@ void usage(const char* argv0) {
 }
 
 bool parse(int argc, char** argv, Options& o) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&](const char*) { return option_value(argc, argv, i); };
-    if (a == "--ranks") o.ranks = std::atoi(value("--ranks"));
-    else if (a == "--tokens") o.tokens = std::atoi(value("--tokens"));
-    else if (a == "--hidden") o.hidden = std::atoi(value("--hidden"));
-    else if (a == "--channels") o.channels = std::atoi(value("--channels"));
-    else if (a == "--slots") o.slots = std::atoi(value("--slots"));
-    else if (a == "--experts-per-rank") o.experts_per_rank = std::atoi(value("--experts-per-rank"));
-    else if (a == "--topk") o.topk = std::atoi(value("--topk"));
-    else if (a == "--seed") o.seed = std::strtoull(value("--seed"), nullptr, 10);
-    else if (a == "--iterations") o.iterations = std::atoi(value("--iterations"));
-    else if (a == "--timeout-s") o.timeout_s = std::atof(value("--timeout-s"));
-    else if (a == "--deadline-s") o.deadline_s = std::atof(value("--deadline-s"));
-    else if (a == "--abort-timeout-s") o.abort_timeout_s = std::atof(value("--abort-timeout-s"));
-    else if (a == "--max-reports") o.max_reports = std::atoi(value("--max-reports"));
-    else if (a == "--sync-each") o.sync_each = true;
-    else if (a == "--verbose") o.verbose = true;
-    else if (a == "--cases") {
-      o.cases.clear();
-      for (const std::string& item : split_list(value("--cases"))) o.cases.push_back(item == "all" ? "" : item);
-      if (std::find(o.cases.begin(), o.cases.end(), "") != o.cases.end()) {
-        const bool abort_too = std::find(o.cases.begin(), o.cases.end(), "abort") != o.cases.end();
-        o.cases = {"bf16", "fp8", "worst"};
-        if (abort_too) o.cases.push_back("abort");
-      }
-    } else if (a == "-h" || a == "--help") {
-      usage(argv[0]);
-      std::exit(0);
-    } else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      usage(argv[0]);
-      return false;
-    }
-  }
-  for (const std::string& c : o.cases)
-    if (c != "bf16" && c != "fp8" && c != "worst" && c != "abort") {
-      std::fprintf(stderr, "unknown case '%s' (bf16, fp8, worst, all, abort)\n", c.c_str());
-      return false;
-    }
+  OptionParser p(o, kAllCases, {"abort"}, usage);
+  p.add("--channels", o.channels);
+  p.add("--slots", o.slots);
+  p.add("--experts-per-rank", o.experts_per_rank);
+  p.add("--iterations", o.iterations);
+  p.add("--abort-timeout-s", o.abort_timeout_s);
+  if (!p.parse(argc, argv)) return false;
   const char* bad = nullptr;
   if (o.ranks < 1 || o.ranks > in::kNumMaxRanks) bad = "--ranks must be 1..8";
   else if (o.tokens < 0) bad = "--tokens must be >= 0";
@@ -152,15 +115,10 @@ bool parse(int argc, char** argv, Options& o) {
   else if (o.experts_per_rank < 1) bad = "--experts-per-rank must be >= 1";
   else if (o.topk < 1 || o.topk > in::kMaxTopk || o.topk > o.experts_per_rank * o.ranks)
     bad = "--topk must be 1..min(32, experts)";
-  else if (o.iterations < 1 || o.cases.empty()) bad = "nothing to run";
+  else if (o.iterations < 1) bad = "nothing to run";
   else if (o.ranks < 2 && std::find(o.cases.begin(), o.cases.end(), "abort") != o.cases.end())
     bad = "the abort case needs at least 2 ranks";
-  if (bad != nullptr) {
-    std::fprintf(stderr, "%s\n", bad);
-    return false;
-  }
-  if (o.deadline_s <= 0) o.deadline_s = 600.0;
-  return true;
+  return p.accept(bad);
 }
 
 // ---- call signatures: exactly ep_comm/backends/intranode.py::_signature -----------------------------

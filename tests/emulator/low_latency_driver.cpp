@@ -84,22 +84,17 @@ namespace ll = ep_comm::low_latency;
 const std::vector<std::string> kDefaultCases{"bf16", "fp8", "zerocopy", "double", "inflight", "full"};
 const std::vector<std::string> kAllCases{"bf16", "fp8", "ue8m0", "zerocopy", "double", "inflight", "full"};
 
-struct Options {
-  int ranks = 2;
-  int tokens = 12;  // T: num_max_dispatch_tokens_per_rank; a dispatch sends up to T tokens per rank
-  int hidden = 256;  // two FP8 scale blocks: the scales' column-major layout shows
+struct Options : CommonOptions {
   int experts = 0;  // 0: 3 per rank
-  int topk = 3;
-  uint64_t seed = 1;
   bool p2p = true;
   int sms = 0;  // emulated SMs (grid sizes); 0: the emulator's default
   int skew_us = 0;  // rank r launches every send kernel r * skew_us later (receivers wait for late senders)
-  std::vector<std::string> cases = kDefaultCases;
-  double timeout_s = 20.0;  // the kernels' own device timeout
-  double deadline_s = 0.0;  // the driver's: 0 = 600 s
-  bool sync_each = false;   // synchronise after every kernel (as the Python backend on the emulator)
-  int max_reports = 8;      // mismatch lines per array
-  bool verbose = false;
+  Options() {
+    tokens = 12;  // T: num_max_dispatch_tokens_per_rank; a dispatch sends up to T tokens per rank
+    hidden = 256;  // two FP8 scale blocks: the scales' column-major layout shows
+    topk = 3;
+    cases = kDefaultCases;
+  }
 };
 
 void usage(const char* argv0) {
@@ -115,41 +110,13 @@ void usage(const char* argv0) {
 }
 
 bool parse(int argc, char** argv, Options& o) {
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto value = [&] { return option_value(argc, argv, i); };
-    if (a == "--ranks") o.ranks = std::atoi(value());
-    else if (a == "--tokens") o.tokens = std::atoi(value());
-    else if (a == "--hidden") o.hidden = std::atoi(value());
-    else if (a == "--experts") o.experts = std::atoi(value());
-    else if (a == "--topk") o.topk = std::atoi(value());
-    else if (a == "--seed") o.seed = std::strtoull(value(), nullptr, 10);
-    else if (a == "--p2p") o.p2p = std::atoi(value()) != 0;
-    else if (a == "--sms") o.sms = std::atoi(value());
-    else if (a == "--skew-us") o.skew_us = std::atoi(value());
-    else if (a == "--timeout-s") o.timeout_s = std::atof(value());
-    else if (a == "--deadline-s") o.deadline_s = std::atof(value());
-    else if (a == "--max-reports") o.max_reports = std::atoi(value());
-    else if (a == "--sync-each") o.sync_each = true;
-    else if (a == "--verbose") o.verbose = true;
-    else if (a == "--cases") {
-      o.cases = split_list(value());
-      if (std::find(o.cases.begin(), o.cases.end(), "all") != o.cases.end()) o.cases = kAllCases;
-    } else if (a == "-h" || a == "--help") {
-      usage(argv[0]);
-      std::exit(0);
-    } else {
-      std::fprintf(stderr, "unknown option %s\n", a.c_str());
-      usage(argv[0]);
-      return false;
-    }
-  }
+  OptionParser p(o, kAllCases, {}, usage);
+  p.add("--experts", o.experts);
+  p.add("--p2p", [&o](const char* v) { o.p2p = std::atoi(v) != 0; });
+  p.add("--sms", o.sms);
+  p.add("--skew-us", o.skew_us);
+  if (!p.parse(argc, argv)) return false;
   if (o.experts == 0) o.experts = 3 * o.ranks;
-  for (const std::string& c : o.cases)
-    if (std::find(kAllCases.begin(), kAllCases.end(), c) == kAllCases.end()) {
-      std::fprintf(stderr, "unknown case '%s' (bf16, fp8, ue8m0, zerocopy, double, inflight, full, all)\n", c.c_str());
-      return false;
-    }
   const bool ue8m0 = std::find(o.cases.begin(), o.cases.end(), "ue8m0") != o.cases.end();
   const char* bad = nullptr;
   if (o.ranks < 1 || o.ranks > 8) bad = "--ranks must be 1..8";
@@ -161,13 +128,7 @@ bool parse(int argc, char** argv, Options& o) {
   else if (o.topk < 1 || o.topk > ll::kMaxTopk || o.topk > o.experts) bad = "--topk must be 1..min(32, experts)";
   else if (o.sms < 0) bad = "--sms must be >= 0";
   else if (o.skew_us < 0) bad = "--skew-us must be >= 0";
-  else if (o.cases.empty()) bad = "nothing to run";
-  if (bad != nullptr) {
-    std::fprintf(stderr, "%s\n", bad);
-    return false;
-  }
-  if (o.deadline_s <= 0) o.deadline_s = 600.0;
-  return true;
+  return p.accept(bad);
 }
 
 // ---- what runs ----------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@
 //   notify_flag  u64 [2 parity][R src]            tag(epoch, call signature) of src's latest notify (SET by src)
 //   notify_send  i32 [R dst][notify_ints]         my row for dst, staged for the put
 //   notify_recv  i32 [2 parity][R src][notify_ints] src's row: [R counts][N_src][E_local counts]
-//   rdma_tail    u64 [N][kMaxChannels]            tokens delivered into rdma_recv[n][c] (ADD by the
-//                                                 writer with each put; zeroed by the reader at the end)
 //   rdma_done    u64 [N][kMaxChannels]            tag(epoch, total tokens) once the writer is done
 //   rdma_head    u64 [2 parity][N][kMaxChannels]  slots the reader of MY ring consumed (ADD by the
 //                                                 reader: two SETs may land in either order and the
@@ -20,16 +18,19 @@
 //                                                 it (so call e - 1's adds have all landed)
 //   nvl_tail     u64 [R][kMaxChannels]            tag(epoch, done bit | slots written)
 //   nvl_head     u64 [R][kMaxChannels]            tag(epoch, slots consumed)
+//   rdma_arrival u64 [N][C][rdma_ring_slots]      per slot where a put (or an in-place batch) of rdma_recv[n][c]
+//                                                 starts: arrival_tag(epoch, lap, slots), SET with the
+//                                                 put's own data; the reader walks them in ring order
 //   rdma_send    [N][C][rdma_ring_bytes]          staging of the puts (NVSHMEM sources must be symmetric)
 //   rdma_recv    [N][C][rdma_ring_bytes]          ring the peer node writes
 //   nvl_ring     [R][C][nvl_ring_bytes]           ring a same-node peer writes through nvshmem_ptr
 //
 // Ring keys (dispatch / combine use the same regions, one call at a time):
-//   dispatch RDMA  src s=(m,l) -> forwarder f=(n,l):  f.rdma_recv[m]  f.rdma_tail[m]  f.rdma_done[m]
+//   dispatch RDMA  src s=(m,l) -> forwarder f=(n,l):  f.rdma_recv[m]  f.rdma_arrival[m]  f.rdma_done[m]
 //                                                     s.rdma_send[n]  s.rdma_head[e & 1][n]
 //   dispatch NVL   f=(n,lf) -> d=(n,ld), source s:    d.nvl_ring[s]   d.nvl_tail[s]   f.nvl_head[ld*N+m(s)]
 //   combine NVL    d=(n,ld) -> f=(n,lf), source s:    f.nvl_ring[ld*N+m(s)]  f.nvl_tail[..]  d.nvl_head[s]
-//   combine RDMA   f=(n,l) -> s=(m,l):                s.rdma_recv[n]  s.rdma_tail[n]  f.rdma_send[m]
+//   combine RDMA   f=(n,l) -> s=(m,l):                s.rdma_recv[n]  s.rdma_arrival[n]  f.rdma_send[m]
 //                                                     f.rdma_head[e & 1][m]
 #pragma once
 
@@ -61,6 +62,11 @@ EP_IN_HOST_DEVICE void channel_token_range(int num_tokens, int num_channels, int
   begin = b < num_tokens ? b : num_tokens;
   end = b + per < num_tokens ? b + per : num_tokens;
 }
+
+// Most slots one RDMA ring uses, whatever the slot size (rows of a call narrower than the Buffer's
+// fit more): bounds the arrival words. A piece's slot count and lap share one 32-bit tag value.
+EP_IN_HOST_DEVICE int rdma_ring_slots(int rdma_ring_tokens) { return 2 * rdma_ring_tokens; }
+constexpr int kMaxRdmaRingTokens = 16384;
 
 // Ring capacity of the NVL leg, in dispatch-sized slots, for a config's RDMA capacity.
 EP_IN_HOST_DEVICE int nvl_ring_tokens(int rdma_ring_tokens) {
@@ -95,14 +101,14 @@ struct CombineSlot {
 };
 
 struct Layout {
-  int num_ranks, ranks_per_node, num_nodes, num_channels;
+  int num_ranks, ranks_per_node, num_nodes, num_channels, ring_slots;
   int64_t rdma_ring_bytes, nvl_ring_bytes;
 
   // hidden_bytes: bytes of a bf16 row (2 * hidden); ring_tokens: Config.num_max_rdma_chunked_recv_tokens.
   EP_IN_HOST_DEVICE Layout(int64_t hidden_bytes, int num_ranks_, int ranks_per_node_, int num_channels_,
                            int ring_tokens)
       : num_ranks(num_ranks_), ranks_per_node(ranks_per_node_), num_nodes(num_ranks_ / ranks_per_node_),
-        num_channels(num_channels_) {
+        num_channels(num_channels_), ring_slots(rdma_ring_slots(ring_tokens)) {
     // A slot bound for any call with rows of <= hidden_bytes: bf16 rows, or FP8 rows plus scales.
     const int max_scales = int((hidden_bytes / 2 + kScaleBlock - 1) / kScaleBlock);
     const int64_t slot = DispatchSlot(hidden_bytes, max_scales, kMaxTopk, ranks_per_node_).bytes();
@@ -119,20 +125,25 @@ struct Layout {
   EP_IN_HOST_DEVICE int64_t notify_recv_begin() const {
     return notify_send_begin() + align_up(int64_t(num_ranks) * notify_ints() * 4, kAlign);
   }
-  EP_IN_HOST_DEVICE int64_t rdma_tail_begin() const {
-    return notify_recv_begin() + align_up(2 * int64_t(num_ranks) * notify_ints() * 4, kAlign);
-  }
+  // Counters sit at offsets that do not depend on the channel count or ring sizes (they are strided
+  // by kMaxChannels): ADD counters left by a call with another config must not land elsewhere.
   EP_IN_HOST_DEVICE int64_t counters_bytes_per_node_array() const {
     return align_up(int64_t(num_nodes) * kMaxChannels * 8, kAlign);
   }
-  EP_IN_HOST_DEVICE int64_t rdma_done_begin() const { return rdma_tail_begin() + counters_bytes_per_node_array(); }
+  EP_IN_HOST_DEVICE int64_t rdma_done_begin() const {
+    return notify_recv_begin() + align_up(2 * int64_t(num_ranks) * notify_ints() * 4, kAlign);
+  }
   EP_IN_HOST_DEVICE int64_t rdma_head_begin() const { return rdma_done_begin() + counters_bytes_per_node_array(); }
   EP_IN_HOST_DEVICE int64_t nvl_tail_begin() const { return rdma_head_begin() + 2 * counters_bytes_per_node_array(); }
   EP_IN_HOST_DEVICE int64_t nvl_head_begin() const {
     return nvl_tail_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kAlign);
   }
-  EP_IN_HOST_DEVICE int64_t rdma_send_begin() const {
+  // Tagged words: a word of another call (or config) reads as "nothing yet".
+  EP_IN_HOST_DEVICE int64_t rdma_arrival_begin() const {
     return nvl_head_begin() + align_up(int64_t(num_ranks) * kMaxChannels * 8, kAlign);
+  }
+  EP_IN_HOST_DEVICE int64_t rdma_send_begin() const {
+    return rdma_arrival_begin() + align_up(int64_t(num_nodes) * num_channels * ring_slots * 8, kAlign);
   }
   EP_IN_HOST_DEVICE int64_t rdma_recv_begin() const {
     return rdma_send_begin() + int64_t(num_nodes) * num_channels * rdma_ring_bytes;
@@ -154,8 +165,9 @@ struct Layout {
   EP_IN_HOST_DEVICE int64_t notify_recv(int parity, int src) const {
     return notify_recv_begin() + (int64_t(parity) * num_ranks + src) * notify_ints() * 4;
   }
-  EP_IN_HOST_DEVICE int64_t rdma_tail(int node, int channel) const {
-    return rdma_tail_begin() + (int64_t(node) * kMaxChannels + channel) * 8;
+  // The arrival words of rdma_recv[node][channel], one per slot.
+  EP_IN_HOST_DEVICE int64_t rdma_arrival(int node, int channel) const {
+    return rdma_arrival_begin() + (int64_t(node) * num_channels + channel) * ring_slots * 8;
   }
   EP_IN_HOST_DEVICE int64_t rdma_done(int node, int channel) const {
     return rdma_done_begin() + (int64_t(node) * kMaxChannels + channel) * 8;
@@ -179,7 +191,10 @@ struct Layout {
     return nvl_ring_begin() + (int64_t(key) * num_channels + channel) * nvl_ring_bytes;
   }
   // Slots of a given size that fit one ring.
-  EP_IN_HOST_DEVICE int rdma_capacity(int64_t slot_bytes) const { return int(rdma_ring_bytes / slot_bytes); }
+  EP_IN_HOST_DEVICE int rdma_capacity(int64_t slot_bytes) const {
+    const int64_t fit = rdma_ring_bytes / slot_bytes;
+    return int(fit < ring_slots ? fit : ring_slots);
+  }
   EP_IN_HOST_DEVICE int nvl_capacity(int64_t slot_bytes) const { return int(nvl_ring_bytes / slot_bytes); }
 };
 
@@ -189,6 +204,18 @@ constexpr uint32_t kDoneBit = 0x80000000u;
 EP_IN_HOST_DEVICE uint64_t make_tag(uint32_t epoch, uint32_t value) { return (uint64_t(epoch) << 32) | value; }
 EP_IN_HOST_DEVICE uint32_t tag_epoch(uint64_t word) { return uint32_t(word >> 32); }
 EP_IN_HOST_DEVICE uint32_t tag_value(uint64_t word) { return uint32_t(word & 0xffffffffu); }
+
+// An arrival word: `slots` slots starting at ring position `position` (counted from the call's
+// start) are delivered. The lap tells this call's successive visits of a slot apart.
+EP_IN_HOST_DEVICE uint64_t arrival_tag(uint32_t epoch, int position, int capacity, int slots) {
+  return make_tag(epoch, (uint32_t(position / capacity) & 0xffffu) << 16 | uint32_t(slots));
+}
+// Slots announced by an arrival word for `position`, or 0 when the word is from another call or lap.
+EP_IN_HOST_DEVICE int arrival_slots(uint64_t word, uint32_t epoch, int position, int capacity) {
+  const uint32_t value = tag_value(word);
+  return tag_epoch(word) == epoch && (value >> 16) == (uint32_t(position / capacity) & 0xffffu) ? int(value & 0xffffu)
+                                                                                               : 0;
+}
 
 // The bytes one Buffer needs for rows of `hidden_bytes` (bf16 basis), as _C.internode_rdma_buffer_bytes.
 EP_IN_HOST_DEVICE int64_t buffer_bytes(int64_t hidden_bytes, int num_ranks, int ranks_per_node, int num_channels,
