@@ -11,6 +11,8 @@ from ep_comm.buffer import Buffer
 from ep_comm.errors import EpCommMismatch, EpCommTimeout
 from ep_comm.api import (CombineResult, DispatchResult, LowLatencyCombineResult, LowLatencyDispatchResult, combine,
                          dispatch, get_buffer, low_latency_combine, low_latency_dispatch)
+import os as _os
+
 from ep_comm import fp8
 from ep_comm.arrays import accepts_dlpack
 
@@ -26,3 +28,9 @@ __all__ = [
     "dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "get_buffer",
     "DispatchResult", "CombineResult", "LowLatencyDispatchResult", "LowLatencyCombineResult",
 ]
+
+# Opt-in: with EP_COMM_PROVIDE_DEEP_EP=1, importing ep_comm also makes `import deep_ep` resolve to
+# ep_comm.deep_ep (never over a real DeepEP: install() raises then).
+if _os.environ.get("EP_COMM_PROVIDE_DEEP_EP") == "1":
+    from ep_comm.deep_ep import install_from_env as _install_from_env
+    _install_from_env()

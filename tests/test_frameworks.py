@@ -512,6 +512,20 @@ def test_install_never_shadows_a_real_deep_ep(tmp_path, monkeypatch):
         sys.modules.update(saved)
 
 
+def test_import_ep_comm_provides_deep_ep_on_request():
+    """EP_COMM_PROVIDE_DEEP_EP=1 makes `import ep_comm` install the drop-in; without it nothing is
+    registered."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    probe = "import ep_comm, sys; print('deep_ep' in sys.modules and sys.modules['deep_ep'] is ep_comm.deep_ep)"
+    for value, expected in (("1", "True"), ("0", "False")):
+        env = dict(os.environ, EP_COMM_PROVIDE_DEEP_EP=value,
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
+
+
 # ---- DeepEP V2 ElasticBuffer: vLLM's deepep_v2 prepare/finalize and DeepEP's training pattern -----
 def _elastic_body(rank, world, group):
     """vllm-project/vllm @ 02bd2a494f5c722c044ded73cb16e766e8007f0d,
