@@ -63,6 +63,15 @@ def _stream_event(async_finish: bool) -> Optional[EventOverlap]:
     return Buffer.capture() if async_finish else None
 
 
+def _keep_for_backward(ctx, group, handle, after, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+    """Wait for an async forward on the current stream (as Megatron's callers expect), and keep what
+    backward's call along the same handle needs."""
+    if async_finish:
+        after.current_stream_wait()
+    ctx.group, ctx.handle = group, handle
+    ctx.async_finish, ctx.allocate_on_comm_stream = async_finish, allocate_on_comm_stream
+
+
 class FusedDispatch(torch.autograd.Function):
     """Layout + dispatch in forward; combine of the gradients with the handle in backward."""
 
@@ -79,12 +88,7 @@ class FusedDispatch(torch.autograd.Function):
                             is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
                             previous_event=event, async_finish=async_finish,
                             allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            after.current_stream_wait()
-        ctx.group = group
-        ctx.handle = handle
-        ctx.async_finish = async_finish
-        ctx.allocate_on_comm_stream = allocate_on_comm_stream
+        _keep_for_backward(ctx, group, handle, after, async_finish, allocate_on_comm_stream)
         tokens_per_expert = torch.tensor(num_recv_tokens_per_expert_list)
         return recv_x, recv_token_indices, recv_token_probs, tokens_per_expert, handle
 
@@ -92,7 +96,8 @@ class FusedDispatch(torch.autograd.Function):
     def backward(ctx, grad_output, grad_token_indices, grad_token_probs, grad_tokens_per_expert, grad_handle):
         buffer = get_buffer(ctx.group, get_hidden_bytes(grad_output))
         grad_x, grad_token_probs, after = buffer.combine(
-            grad_output.contiguous(), ctx.handle, topk_weights=grad_token_probs.float(),
+            grad_output.contiguous(), ctx.handle,
+            topk_weights=None if grad_token_probs is None else grad_token_probs.float(),
             previous_event=_stream_event(ctx.async_finish), async_finish=ctx.async_finish,
             allocate_on_comm_stream=ctx.allocate_on_comm_stream)
         if ctx.async_finish:
@@ -109,12 +114,7 @@ class FusedCombine(torch.autograd.Function):
         combined_x, _, after = buffer.combine(x, handle=handle, previous_event=_stream_event(async_finish),
                                               async_finish=async_finish,
                                               allocate_on_comm_stream=allocate_on_comm_stream)
-        if async_finish:
-            after.current_stream_wait()
-        ctx.handle = handle
-        ctx.group = group
-        ctx.async_finish = async_finish
-        ctx.allocate_on_comm_stream = allocate_on_comm_stream
+        _keep_for_backward(ctx, group, handle, after, async_finish, allocate_on_comm_stream)
         return combined_x, None
 
     @staticmethod
