@@ -1,5 +1,5 @@
 """Replays of the exact call sequences that vLLM, SGLang and Megatron-LM make into DeepEP, run on
-ep_comm (3 gloo ranks, reference backend) and checked against a dense MoE: every rank rebuilds all
+ep_comm (3 gloo ranks, reference backend; the emulated kernels too) and checked against a dense MoE: every rank rebuilds all
 ranks' tokens from the seed and computes sum_k w_tk * f_{e_tk}(x_t) with the same expert functions.
 
 Each test names the framework source it follows (repository, file, commit). The frameworks' own
@@ -16,6 +16,7 @@ import torch
 
 import ep_comm
 import ep_comm.deep_ep
+from ep_comm import _ext
 from dist import run_ranks
 from ep_comm import fp8
 from ep_comm.testing import calc_diff, make_inputs
@@ -475,6 +476,32 @@ def _megatron_body(rank, world, group):
 
 def test_megatron_flex_dispatcher_forward_and_backward():
     run_ranks(_megatron_body, WORLD)
+
+
+@pytest.mark.skipif(not _ext.emulated_available(), reason="ep_comm._C_emu is not built")
+@pytest.mark.parametrize("body", [_vllm_ht_body, _vllm_ll_body, _sglang_body, _megatron_body],
+                         ids=["vllm_ht", "vllm_ll", "sglang", "megatron"])
+def test_replays_on_the_emulated_kernels(body, monkeypatch):
+    """The same sequences through the intranode and low-latency kernels on the emulated device (the
+    spawned ranks inherit EP_COMM_BACKEND)."""
+    monkeypatch.setenv("EP_COMM_BACKEND", "emulated")
+    run_ranks(_recording_backends, WORLD, replay=body)
+
+
+def _recording_backends(rank, world, group, replay):
+    """Runs `replay` and checks that every Buffer it made (DeepEP facades included) ran on the emulated device."""
+    kinds = []
+    init = ep_comm.Buffer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        kinds.append(self.backend_kind)
+    ep_comm.Buffer.__init__ = recording_init
+    try:
+        replay(rank, world, group)
+    finally:
+        ep_comm.Buffer.__init__ = init
+    assert kinds and set(kinds) == {"emulated"}, kinds
 
 
 # ---- the opt-in itself ---------------------------------------------------------------------------
