@@ -22,6 +22,14 @@ class Config:
     num_sms: SMs the dispatch/combine kernels may occupy (even: one sender and one receiver per channel).
     num_max_nvl_chunked_send_tokens / num_max_nvl_chunked_recv_tokens: NVLink ring chunk and capacity, in tokens.
     num_max_rdma_chunked_send_tokens / num_max_rdma_chunked_recv_tokens: the same for the RDMA leg.
+
+    Where the internode kernels (groups spanning nodes) differ from DeepEP's reading:
+    - num_sms / 2 channels run one block each (sender, forwarder and receiver warps in one block);
+      DeepEP runs two SMs per channel. num_sms=20 occupies 10 SMs.
+    - num_max_rdma_chunked_recv_tokens sizes the RDMA rings (at most 16384); a call with rows
+      narrower than the Buffer was sized for uses at most twice that many slots.
+    - The NVLink rings hold num_max_rdma_chunked_recv_tokens / 8 slots (2 to 32):
+      num_max_nvl_chunked_recv_tokens is not used there (only in one node, by the intranode kernels).
     """
 
     num_sms: int = 20
