@@ -152,7 +152,9 @@ MUTANTS: List[Mutant] = [
           "    if (group.leader())\n"
           "      ptx::st_release_sys(head, static_cast<unsigned long long>(make_tagged(epoch, uint32_t(available))));\n",
           "    group.sync();\n")],
-        TSAN_RUNS + [("plain", PLAIN_CASE)],
+        TSAN_RUNS + [("thread", TSAN_CASE_ROW_RING + ["--seed", "2"], {"EP_COMM_EMU_SCHEDULE": "reverse"}),
+                     ("thread", TSAN_CASE_ROW_RING + ["--seed", "3"], {"EP_COMM_EMU_SCHEDULE": "random:3"}),
+                     ("plain", PLAIN_CASE)],
         "dispatch_recv releases the ring head before its warps copied the slots out"),
     Mutant(
         "combine_drop_syncthreads", INTRANODE,
