@@ -354,14 +354,20 @@ MUTANTS: List[Mutant] = [
         "in_rdma_credit_plus_one", INTERNODE,
         [("uint64_t(consumed - batch_begin), NVSHMEM_SIGNAL_ADD, source);",
           "uint64_t(consumed - batch_begin + 1), NVSHMEM_SIGNAL_ADD, source);")],
-        [("plain", IN_PLAIN), ("thread", IN_TSAN)],
+        # Only a full ring shows the extra credit: tiny rings, several schedules.
+        [("plain", IN_PLAIN + IN_TINY_RINGS),
+         ("plain", IN_PLAIN + IN_TINY_RINGS + ["--seed", "2"], {"EP_COMM_EMU_SCHEDULE": "random:2"}),
+         ("plain", IN_PLAIN + IN_TINY_RINGS + ["--seed", "3"], {"EP_COMM_EMU_SCHEDULE": "reverse"}),
+         ("thread", IN_TSAN + IN_TINY_RINGS), ("plain", IN_PLAIN)],
         "the dispatch forwarder hands back one RDMA slot more than it consumed: the sender overwrites a slot "
         "still unread", "internode"),
     Mutant(
         "in_nvl_credit_plus_one", INTERNODE,
         [("s / L, c),\n                         make_tag(epoch, uint32_t(consumed)));",
           "s / L, c),\n                         make_tag(epoch, uint32_t(consumed + 1)));")],
-        [("plain", IN_PLAIN), ("thread", IN_TSAN)],
+        [("plain", IN_PLAIN),
+         ("plain", IN_PLAIN + IN_TINY_RINGS + ["--seed", "2"], {"EP_COMM_EMU_SCHEDULE": "random:2"}),
+         ("thread", IN_TSAN + IN_TINY_RINGS)],
         "the dispatch receiver releases one NVL slot more than it read", "internode"),
     Mutant(
         "in_combine_credit_plus_one", INTERNODE,
