@@ -141,6 +141,12 @@ class Backend:
     # backend is destroyed only by an explicit Buffer.destroy() or, bounded, at exit; never by GC.
     collective_destroy = False
 
+    def _state_of(self, handle: DispatchHandle):
+        """The kernel state a handle of this backend carries; ValueError for another backend's handle."""
+        if handle.backend != self.name:
+            raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
+        return handle.state
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank int32[R], num_tokens_per_rdma_rank int32[nodes] | None,
         num_tokens_per_expert int32[E], is_token_in_rank bool[N, R])"""

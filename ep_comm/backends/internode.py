@@ -212,9 +212,7 @@ class InternodeBackend(Backend):
 
             if cached:
                 handle = args.handle
-                if handle.backend != self.name:
-                    raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-                state: _InternodeState = handle.state
+                state: _InternodeState = self._state_of(handle)
                 num_channels = state.num_channels
                 self._check_call("dispatch", hidden, num_channels, ring_tokens)
                 topk_idx = topk_weights = None
@@ -301,9 +299,7 @@ class InternodeBackend(Backend):
         with self._target.op():
             self._check()
             self._refuse_capture("combine")
-            if handle.backend != self.name:
-                raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-            state: _InternodeState = handle.state
+            state: _InternodeState = self._state_of(handle)
             config = config or Config()
             num_channels = state.num_channels  # the dispatch's token split, whatever this config says
             ring_tokens = config.num_max_rdma_chunked_recv_tokens

@@ -202,9 +202,7 @@ class IntranodeBackend(Backend):
 
         if cached:
             handle = args.handle
-            if handle.backend != self.name:
-                raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-            state: _IntranodeState = handle.state
+            state: _IntranodeState = self._state_of(handle)
             num_channels = state.num_channels
             topk_idx = topk_weights = None
             num_topk = 0
@@ -286,9 +284,7 @@ class IntranodeBackend(Backend):
     def _combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights: Optional[torch.Tensor],
                  bias: List[torch.Tensor], config: Config):
         buffer = self._require_buffer("combine")
-        if handle.backend != self.name:
-            raise ValueError(f"this handle was made by the {handle.backend} backend, not {self.name}")
-        state: _IntranodeState = handle.state
+        state: _IntranodeState = self._state_of(handle)
         config = config or Config()
         num_channels = state.num_channels  # the dispatch's token split, whatever this config says
         num_slots = config.num_max_nvl_chunked_recv_tokens
