@@ -5,8 +5,9 @@
 //   sender warps     for each destination node n: stage every token of my range that has a rank in
 //                    node n into rdma_send[n][c], put it to the rank with my local index there
 //                    (the "forwarder"), each put announcing its slots in the arrival word of its
-//                    first slot (SET with the put); finally rdma_done = tag(epoch, total). The slot header holds the token's final row at
-//                    each rank of node n, known everywhere from the notified R x R count matrix:
+//                    first slot (SET with the put); finally rdma_done = tag(epoch, total). The slot
+//                    header holds the token's final row at each rank of node n, known everywhere
+//                    from the notified R x R count matrix:
 //                    row = sum_{s' < s} count[s'][d] + (index of the token among s's tokens for d).
 //   forwarder warps  for each source node m: copy each arrived slot verbatim into the NVL ring
 //                    (source s, c) of every local rank it goes to; publish tails (with a done bit at
